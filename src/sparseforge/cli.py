@@ -1,0 +1,232 @@
+"""The ``sparseforge`` command line: each subcommand is a thin call into the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from . import __version__
+from .errors import ConfigError, SparseforgeError
+
+log = logging.getLogger("sparseforge")
+
+PATTERN_HELP = (
+    "N:M pattern: N weights KEPT in every group of M consecutive inputs of a row "
+    "(NVIDIA's convention). '2:4' = 50%% sparsity, '2:8' = 75%%. Papers that write the "
+    "pruned count first call 75%% sparsity '3:4'; here that is '1:4'."
+)
+
+
+def _add_model_args(p, model_help="local HF directory, .gguf file or cached hub id (default: embedded SmolLM2-135M)"):
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the model is loaded in (statistics are float32 always)")
+
+
+def _add_eval_args(p):
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--eval-windows", type=int, default=40,
+                   help="evaluate on the first N held-out windows; 0 = all (default 40)")
+    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward")
+    p.add_argument("--text-field", default="text", help="text field of JSONL / dataset sources")
+
+
+def _override(text: str) -> tuple[str, str]:
+    glob, sep, value = text.partition("=")
+    if not sep or not glob or not value:
+        raise argparse.ArgumentTypeError(f"'{text}' is not GLOB=SPARSITY_OR_N:M, e.g. '*.down_proj=0.6'")
+    return glob, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparseforge", description="Make transformer LMs sparse and measure it.")
+    parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="one-shot prune a model on calibration text",
+                       description="One-shot pruning, block by block. " + PATTERN_HELP)
+    _add_model_args(p)
+    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt (default sparsegpt)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", default=None, help="fraction of zeros per layer, in [0, 1) (default 0.5)")
+    target.add_argument("--pattern", default=None, help=PATTERN_HELP)
+    p.add_argument("--calib", default="wiki", help="calibration text: wiki | FILE.txt | FILE.jsonl | saved dataset dir")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    p.add_argument("--propagate", default="pruned", choices=["pruned", "dense"],
+                   help="next block's inputs: outputs of the pruned block (default) or of the dense one")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration windows per forward; default all at once (one pass per block)")
+    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the calibration forward passes (default: the model's)")
+    p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+    p.add_argument("--block-size", type=int, default=128, help="SparseGPT column block size")
+    p.add_argument("--override", type=_override, action="append", default=[], metavar="GLOB=S",
+                   help="per-layer pattern, e.g. 'model.layers.0.*=0.3' or '*.down_proj=2:4' (repeatable)")
+    p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers dense (repeatable)")
+    p.add_argument("--block-fraction", type=float, default=1.0, help="prune only the first fraction of blocks")
+    p.add_argument("--data", default="wiki", help="evaluation text (held-out split)")
+    p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
+    _add_eval_args(p)
+    p.add_argument("--output", default=None, help="directory for the pruned model (HF format + sparseforge.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
+
+    p = sub.add_parser("eval", help="perplexity of a model on held-out text")
+    _add_model_args(p, "model directory, .gguf or cached hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--data", default="wiki", help="wiki | FILE.txt | FILE.jsonl | saved dataset dir")
+    _add_eval_args(p)
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
+
+    p = sub.add_parser("info", help="sparsity, N:M patterns and settings of a saved model")
+    p.add_argument("model", nargs="?", default=None, help="model directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--layers", action="store_true", help="list every layer")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON here")
+    return parser
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        text = json.dumps(payload, indent=2) + "\n"
+        if path == "-":
+            sys.stdout.write(text)
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+
+
+def _eval(model, tokenizer, args) -> dict:
+    from .api import evaluate
+
+    if args.eval_batch_size < 1:
+        raise ConfigError(f"--eval-batch-size {args.eval_batch_size} must be at least 1")
+    return evaluate(model, tokenizer, data=args.data, seq_len=args.seq_len, max_windows=args.eval_windows or None,
+                    batch_size=args.eval_batch_size, text_field=args.text_field)
+
+
+def cmd_prune(args) -> int:
+    from .api import calibration_data, prune
+    from .export import save
+    from .loading import load_model
+    from .measure import peak_rss_mb
+    from .oneshot.engine import OneShotConfig
+    from .oneshot.methods import get_method
+    from .sparsity.pattern import Pattern
+
+    started = time.perf_counter()
+    pattern = Pattern.parse(args.pattern if args.pattern is not None else (args.sparsity or "0.5"))
+    # validate every setting before the slow steps
+    config = OneShotConfig(
+        method=args.method, pattern=pattern, overrides=dict(args.override), skip=tuple(args.skip),
+        block_fraction=args.block_fraction, propagate=args.propagate, batch_size=args.batch_size,
+        compute_dtype=args.compute_dtype, dampening=args.dampening, block_size=args.block_size,
+    )
+    if args.block_size < 1:
+        raise ConfigError(f"--block-size {args.block_size} must be at least 1")
+    if args.output:
+        from pathlib import Path
+
+        out = Path(args.output)
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise ConfigError(f"output directory {out} exists and is not empty: choose another --output or pass --overwrite")
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    calibration = None
+    if get_method(args.method).stats_kind is not None:
+        calibration = calibration_data(model, tokenizer, args.calib, args.n_calib, args.seq_len, args.seed,
+                                       args.text_field)
+    dense = None if args.no_eval else _eval(model, tokenizer, args)
+    report = prune(model, tokenizer, method=args.method, pattern=str(pattern), calibration=calibration,
+                   **{k: v for k, v in vars(config).items() if k not in ("method", "pattern")})
+    report.calibration.update(source=args.calib, seed=args.seed)
+    pruned = None if args.no_eval else _eval(model, tokenizer, args)
+    results = {
+        "model": args.model or "embedded:SmolLM2-135M-Instruct",
+        "dtype": args.dtype,
+        "pruning": report.to_dict(),
+        "metrics": {
+            "dense": dense,
+            "pruned": pruned,
+            "sparsity": report.sparsity,
+            "prune_seconds": round(report.seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        },
+    }
+    print(f"method {args.method}  pattern {pattern}  layers {len(report.layers)}  "
+          f"calibration {report.n_windows} x {report.seq_len} tokens")
+    if dense and pruned:
+        print(f"perplexity  dense {dense['perplexity']:.3f}  pruned {pruned['perplexity']:.3f}  "
+              f"({pruned['n_windows']} windows x {pruned['seq_len']} tokens of {args.data})")
+    print(f"sparsity {report.sparsity:.4f}  prune time {report.seconds:.1f}s  peak RSS {peak_rss_mb():.0f} MiB")
+    if args.output:
+        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite)
+        print(f"saved to {args.output}")
+    _write_json(args.json, results)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .loading import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    result = _eval(model, tokenizer, args)
+    result["model"] = args.model or "embedded:SmolLM2-135M-Instruct"
+    print(f"perplexity {result['perplexity']:.3f}  ({result['n_windows']} windows x {result['seq_len']} tokens "
+          f"of {args.data}, {result['seconds']:.1f}s)")
+    print(json.dumps(result))
+    _write_json(args.json, result)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .eval.sparsity_report import sparsity_summary
+    from .export import read_metadata
+    from .loading import load_model
+
+    if args.model is not None:
+        read_metadata(args.model)  # a clear error for a missing directory
+    model, _ = load_model(args.model)
+    summary = sparsity_summary(model)
+    meta = read_metadata(args.model) if args.model else {}
+    summary["pruned_with"] = meta.get("pruning", {}).get("config")
+    summary["calibration"] = meta.get("pruning", {}).get("calibration")
+    summary["metrics"] = meta.get("metrics")
+    print(f"{summary['architecture']}: {summary['parameters']:,} parameters, "
+          f"{summary['nonzero_parameters']:,} non-zero ({summary['model_sparsity']:.2%} zeros overall)")
+    print(f"prunable block linears: {summary['prunable_parameters']:,} parameters, "
+          f"{summary['prunable_sparsity']:.2%} zeros in {len(summary['layers'])} layers")
+    patterns = sorted({str(l["pattern"]) for l in summary["layers"]})
+    print(f"N:M patterns satisfied: {', '.join(patterns)}")
+    if summary["pruned_with"]:
+        cfg = summary["pruned_with"]
+        print(f"pruned with {cfg['method']} pattern {cfg['pattern']} propagate {cfg['propagate']}")
+    if args.layers:
+        for layer in summary["layers"]:
+            print(f"  {layer['name']:<40} {str(layer['shape']):<14} {layer['sparsity']:.4f}  {layer['pattern'] or '-'}")
+    _write_json(args.json, summary)
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(name)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except SparseforgeError as e:
+        print(f"sparseforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparseforge: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

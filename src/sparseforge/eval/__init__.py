@@ -1,0 +1,5 @@
+"""Evaluation: perplexity, sparsity inspection."""
+
+from .perplexity import perplexity
+
+__all__ = ["perplexity"]

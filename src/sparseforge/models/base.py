@@ -1,0 +1,106 @@
+"""Model adapters: the only place that knows where blocks and linear layers are.
+
+An adapter names, for one architecture family, the prunable linear layers of a
+decoder block in execution order, grouped by shared input (q/k/v read the same
+tensor, so they share one Hessian). The block list itself is found generically
+from the model's ``_no_split_modules``, as Accelerate does for device maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import ModelError
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """Where a block's feed-forward network is and what its activation is."""
+
+    activation: str  # "relu", "gelu" or "silu_gated"
+    up: str
+    down: str
+    gate: str | None = None
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in (out x in) layout; GPT-2's Conv1D stores it transposed."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an (out x in) weight back in the module's own layout and dtype."""
+    target = module.weight
+    with torch.no_grad():
+        target.copy_(weight.T if isinstance(module, Conv1D) else weight)
+
+
+def in_features(module: nn.Module) -> int:
+    return get_weight(module).shape[1]
+
+
+class ModelAdapter:
+    """Architecture knowledge for one family. Subclasses set the class attributes."""
+
+    model_types: tuple[str, ...] = ()
+    #: linear layers of a block (names relative to it), in execution order,
+    #: grouped so that every member of a group reads the same input tensor
+    linear_groups: tuple[tuple[str, ...], ...] = ()
+    ffn: FFNSpec | None = None
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.blocks_name, self.blocks = find_blocks(model)
+
+    @property
+    def linear_names(self) -> list[str]:
+        return [name for group in self.linear_groups for name in group]
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {name: block.get_submodule(name) for name in self.linear_names}
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.blocks_name}.{index}"
+
+    def context_length(self) -> int:
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, key, None)
+            if value:
+                return int(value)
+        return 2**31
+
+    def check(self) -> None:
+        """Fail early and clearly if the model does not look like this family."""
+        block = self.blocks[0]
+        for name in self.linear_names:
+            try:
+                module = block.get_submodule(name)
+            except AttributeError:
+                raise ModelError(
+                    f"{type(self).__name__} expects a layer '{name}' in {type(block).__name__}; "
+                    "this checkpoint differs from its family: write an adapter for it"
+                ) from None
+            if not is_prunable(module):
+                raise ModelError(f"'{name}' in {type(block).__name__} is not a Linear layer")
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks, found from ``_no_split_modules``."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if all(type(child).__name__ in block_classes for child in module):
+                return name, module
+    raise ModelError(
+        f"cannot find the decoder blocks of {type(model).__name__}: it declares no "
+        "_no_split_modules block class; write an adapter that names them"
+    )

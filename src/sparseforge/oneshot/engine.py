@@ -1,0 +1,374 @@
+"""The sequential calibration engine (METHODS.md section 7), shared by every one-shot method.
+
+Calibration windows run through the embeddings once; the inputs of block 0 are
+captured; then block by block: gather each layer group's input statistics,
+prune, and feed the block's outputs to the next block. Only one block's
+activations live at a time.
+
+When all calibration windows fit one forward call (``batch_size`` unset, the
+default) each block runs *once*: a pre-hook on the first layer of each group
+gathers statistics from the full calibration input and prunes the group before
+it computes, so later groups see the outputs of already-pruned ones (the
+"true sequential" order) at half the forward cost. With micro-batches the
+statistics must be summed over several calls, so the block runs twice:
+statistics pass, prune, output pass.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, ModelError
+from ..models import get_adapter, get_weight, in_features, set_weight
+from ..sparsity.masks import sparsity_of
+from ..sparsity.pattern import Pattern
+from .methods import get_method
+from .stats import InputStats
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class OneShotConfig:
+    """Settings of a one-shot pruning run. Every field is a CLI option of ``sparseforge prune``."""
+
+    method: str = "sparsegpt"
+    pattern: Pattern = field(default_factory=lambda: Pattern(0.5))
+    #: glob on the full layer name -> pattern; the first match wins (e.g. {"*.down_proj": "0.6"})
+    overrides: dict[str, Pattern] = field(default_factory=dict)
+    #: globs of layer names left dense (lm_head and embeddings are never pruned)
+    skip: tuple[str, ...] = ()
+    #: prune only the first fraction of the decoder blocks (SparseLLM's tables use 0.5)
+    block_fraction: float = 1.0
+    #: inputs of the next block: outputs of the "pruned" block (papers) or of the "dense" one
+    propagate: str = "pruned"
+    #: calibration windows per forward call; None = all at once (one pass per block)
+    batch_size: int | None = None
+    #: dtype of the block forward passes (statistics stay float32); None = the model's
+    compute_dtype: str | None = None
+    dampening: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self):
+        self.pattern = Pattern.parse(self.pattern)
+        self.overrides = {k: Pattern.parse(v) for k, v in self.overrides.items()}
+        self.skip = tuple(self.skip)
+        get_method(self.method)
+        if self.propagate not in ("pruned", "dense"):
+            raise ConfigError(f"propagate must be 'pruned' or 'dense', not '{self.propagate}'")
+        if not 0.0 < self.block_fraction <= 1.0:
+            raise ConfigError(f"block fraction {self.block_fraction} must be in (0, 1]")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"batch size {self.batch_size} must be at least 1")
+        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
+            raise ConfigError(f"compute dtype '{self.compute_dtype}' unknown: choose from {', '.join(DTYPES)}")
+        if not self.dampening > 0:
+            raise ConfigError(f"dampening {self.dampening} must be positive, e.g. 0.01")
+
+    def pattern_for(self, layer: str) -> Pattern | None:
+        """The pattern of a layer, or None if it stays dense."""
+        if any(fnmatch.fnmatchcase(layer, glob) for glob in self.skip):
+            return None
+        for glob, pattern in self.overrides.items():
+            if fnmatch.fnmatchcase(layer, glob):
+                return pattern
+        return self.pattern
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "pattern": str(self.pattern),
+            "overrides": {k: str(v) for k, v in self.overrides.items()},
+            "skip": list(self.skip),
+            "block_fraction": self.block_fraction,
+            "propagate": self.propagate,
+            "batch_size": self.batch_size,
+            "compute_dtype": self.compute_dtype,
+            "dampening": self.dampening,
+            "block_size": self.block_size,
+        }
+
+
+@dataclass
+class LayerResult:
+    name: str
+    pattern: str
+    sparsity: float
+    numel: int
+    #: ||(W - W')X||^2 / ||W X||^2 on the calibration inputs, where a Hessian was gathered
+    relative_error: float | None = None
+
+
+@dataclass
+class OneShotReport:
+    config: dict
+    layers: list[LayerResult]
+    seconds: float
+    n_windows: int
+    seq_len: int
+    #: where the calibration windows came from and their content hash
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned layers."""
+        total = sum(layer.numel for layer in self.layers)
+        return sum(layer.sparsity * layer.numel for layer in self.layers) / max(total, 1)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "seconds": round(self.seconds, 3),
+            "n_windows": self.n_windows,
+            "seq_len": self.seq_len,
+            "calibration": self.calibration,
+            "sparsity": self.sparsity,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _BlockCall:
+    """Everything a block is called with for one micro-batch, hidden states apart."""
+
+    args: tuple
+    kwargs: dict
+
+
+def _cast_floats(obj, dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast_floats(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
+    """Run the embeddings and return, per batch, block 0's hidden states and other arguments."""
+    hidden, calls = [], []
+
+    def catch(module, args, kwargs):
+        if args:
+            hidden.append(args[0])
+            rest = args[1:]
+        else:
+            hidden.append(kwargs.pop("hidden_states"))
+            rest = ()
+        calls.append(_BlockCall(rest, dict(kwargs)))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    if len(hidden) != len(batches):
+        raise ModelError("the first decoder block was never called: the adapter points at the wrong blocks")
+    return hidden, calls
+
+
+def _run_block(block, hidden, calls, compute_dtype, out_dtype):
+    outputs = []
+    for h, call in zip(hidden, calls):
+        args, kwargs = call.args, call.kwargs
+        if compute_dtype is not None:
+            h, args, kwargs = h.to(compute_dtype), _cast_floats(args, compute_dtype), _cast_floats(kwargs, compute_dtype)
+        out = block(h, *args, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(out.to(out_dtype))
+    return outputs
+
+
+def _relative_error(original: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    delta = original - pruned
+    num = ((delta @ hessian) * delta).sum()
+    den = ((original @ hessian) * original).sum()
+    return float(num / den) if den > 0 else 0.0
+
+
+class _GroupPruner:
+    """Prunes one group of layers that share an input, from its gathered statistics."""
+
+    def __init__(self, method, names, modules, patterns, originals, options, stats_kind, block_name):
+        self.method, self.names, self.modules = method, names, modules
+        self.patterns, self.originals, self.options = patterns, originals, options
+        first = names[0]
+        self.stats = InputStats(in_features(modules[first]), stats_kind, layer=f"{block_name}.{first}")
+        self.block_name = block_name
+        self.pruned: dict[str, torch.Tensor] | None = None
+
+    def prune(self) -> None:
+        weights = {n: self.originals[n] for n in self.names}
+        self.pruned = self.method.prune_group(weights, self.stats, self.patterns, self.options)
+        for name in self.names:
+            set_weight(self.modules[name], self.pruned[name])
+
+    def results(self) -> list[LayerResult]:
+        hessian = self.stats.hessian if self.stats.kind == "hessian" else None
+        out = []
+        for name in self.names:
+            weight = self.pruned[name]
+            err = _relative_error(self.originals[name], weight, hessian) if hessian is not None else None
+            out.append(
+                LayerResult(f"{self.block_name}.{name}", str(self.patterns[name]), sparsity_of(weight), weight.numel(), err)
+            )
+        return out
+
+
+def prune_model(
+    model: nn.Module, calibration: torch.Tensor | None, config: OneShotConfig, progress: bool = True
+) -> OneShotReport:
+    """Prune ``model`` in place with ``config.method``; ``calibration`` is (n, seq_len) token ids."""
+    start = time.perf_counter()
+    method = get_method(config.method)
+    adapter = get_adapter(model)
+    blocks = adapter.blocks
+    n_pruned_blocks = math.ceil(config.block_fraction * len(blocks))
+
+    # plan every layer up front so a bad pattern fails before any work
+    plan: list[dict[str, Pattern]] = []
+    for index, block in enumerate(blocks):
+        layers = {}
+        if index < n_pruned_blocks:
+            prefix = adapter.block_prefix(index)
+            for name, module in adapter.block_linears(block).items():
+                pattern = config.pattern_for(f"{prefix}.{name}")
+                if pattern is not None:
+                    pattern.check_width(in_features(module), f"{prefix}.{name}")
+                    layers[name] = pattern
+        plan.append(layers)
+    last_block = max((i for i, layers in enumerate(plan) if layers), default=-1)
+
+    options = {"block_size": config.block_size, "dampening": config.dampening}
+    n_windows = 0 if calibration is None else int(calibration.shape[0])
+    seq_len = 0 if calibration is None else int(calibration.shape[1])
+    results: list[LayerResult] = []
+    model_dtype = next(model.parameters()).dtype
+    compute_dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    if compute_dtype == model_dtype:
+        compute_dtype = None
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if method.stats_kind is None:
+            for index in tqdm(range(last_block + 1), desc=f"{method.name}", disable=not progress):
+                results += _prune_without_data(adapter, index, plan[index], method, options)
+        else:
+            if calibration is None or n_windows == 0:
+                raise ConfigError(f"method '{method.name}' needs calibration data")
+            batch_size = config.batch_size or n_windows
+            batches = list(torch.split(calibration, batch_size))
+            hidden, calls = capture_block_inputs(model, blocks[0], batches)
+            bar = tqdm(range(last_block + 1), desc=f"{method.name} {config.pattern}", disable=not progress)
+            for index in bar:
+                t0 = time.perf_counter()
+                block_results, hidden = _prune_block(
+                    adapter, index, plan[index], method, options, hidden, calls, config, compute_dtype, model_dtype
+                )
+                results += block_results
+                log.info(
+                    "block %d/%d: %d layers pruned in %.2fs",
+                    index + 1, last_block + 1, len(block_results), time.perf_counter() - t0,
+                )
+            del hidden, calls
+    model.train(was_training)
+    return OneShotReport(config.to_dict(), results, time.perf_counter() - start, n_windows, seq_len)
+
+
+def _prune_without_data(adapter, index, layers, method, options) -> list[LayerResult]:
+    block = adapter.blocks[index]
+    modules = adapter.block_linears(block)
+    prefix = adapter.block_prefix(index)
+    out = []
+    for name, pattern in layers.items():
+        weight = get_weight(modules[name]).detach().float().contiguous()
+        pruned = method.prune_group({name: weight}, None, {name: pattern}, options)[name]
+        set_weight(modules[name], pruned)
+        out.append(LayerResult(f"{prefix}.{name}", str(pattern), sparsity_of(pruned), pruned.numel()))
+    return out
+
+
+def _prune_block(adapter, index, layers, method, options, hidden, calls, config, compute_dtype, model_dtype):
+    block = adapter.blocks[index]
+    prefix = adapter.block_prefix(index)
+    modules = adapter.block_linears(block)
+    if not layers:
+        return [], _run_block(block, hidden, calls, compute_dtype, model_dtype)
+
+    originals = {n: get_weight(modules[n]).detach().float().contiguous().clone() for n in layers}
+    snapshot = None
+    if compute_dtype is not None:
+        snapshot = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        block.to(compute_dtype)
+
+    groups = []
+    for group in adapter.linear_groups:
+        names = [n for n in group if n in layers]
+        if names:
+            groups.append(
+                _GroupPruner(method, names, modules, {n: layers[n] for n in names}, originals, options,
+                             method.stats_kind, prefix)
+            )
+
+    one_pass = len(hidden) == 1
+    dense_outputs = None
+    if one_pass and config.propagate == "dense":
+        dense_outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
+
+    def make_hook(pruner):
+        def hook(module, args):
+            if one_pass and pruner.pruned is not None:
+                return  # already pruned in this pass (stays so)
+            pruner.stats.add(args[0])
+            if one_pass:
+                pruner.prune()
+        return hook
+
+    # every member of a group reads the same tensor: hook the first one only
+    handles = [modules[g.names[0]].register_forward_pre_hook(make_hook(g)) for g in groups]
+    try:
+        outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
+    finally:
+        for h in handles:
+            h.remove()
+    if not one_pass:
+        for g in groups:
+            g.prune()
+        dense_outputs = outputs if config.propagate == "dense" else None
+        if config.propagate == "pruned":
+            outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
+    for g in groups:
+        if g.pruned is None:
+            raise ModelError(f"{prefix}.{g.names[0]} was never called in the block's forward: fix the adapter")
+
+    if snapshot is not None:
+        block.to(model_dtype)
+        block.load_state_dict(snapshot)
+        for g in groups:
+            for name in g.names:
+                set_weight(modules[name], g.pruned[name])
+    results = [r for g in groups for r in g.results()]
+    return results, (dense_outputs if config.propagate == "dense" else outputs)

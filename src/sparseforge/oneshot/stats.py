@@ -1,0 +1,50 @@
+"""Input statistics of a linear layer, streamed over calibration tokens in float32."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import NumericalError
+
+
+class InputStats:
+    """Running sums over the tokens that enter one layer (or a group sharing one input).
+
+    ``kind`` is what the method needs: ``"sq_norms"`` (sum of x_j^2 per input
+    feature, Wanda) or ``"hessian"`` (X X^T, SparseGPT; its diagonal gives the
+    squared norms too). X is never stored.
+    """
+
+    def __init__(self, in_features: int, kind: str, layer: str = ""):
+        if kind not in ("sq_norms", "hessian"):
+            raise ValueError(f"unknown statistics kind {kind!r}")
+        self.kind = kind
+        self.layer = layer
+        self.n_tokens = 0
+        self._xtx = torch.zeros(in_features, in_features) if kind == "hessian" else None
+        self._sq = torch.zeros(in_features) if kind == "sq_norms" else None
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise NumericalError(
+                f"non-finite activations entering {self.layer}: the model overflows in its "
+                "compute dtype; run in float32 (--dtype float32 --compute-dtype float32)"
+            )
+        if self._xtx is not None:
+            self._xtx.addmm_(x.T, x)
+        else:
+            self._sq.add_(x.square().sum(dim=0))
+        self.n_tokens += x.shape[0]
+
+    @property
+    def sq_norms(self) -> torch.Tensor:
+        """Sum over tokens of x_j^2, per input feature."""
+        return self._xtx.diagonal().clone() if self._xtx is not None else self._sq.clone()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2/n X X^T (the layer-wise squared-error Hessian)."""
+        if self._xtx is None:
+            raise ValueError("these statistics hold no Hessian")
+        return self._xtx * (2.0 / max(self.n_tokens, 1))

@@ -1,0 +1,152 @@
+"""The sequential engine on tiny random Llama / OPT / GPT-2 models."""
+
+import pytest
+import torch
+from tiny import VOCAB, tiny_llama
+
+from sparseforge import prune
+from sparseforge.errors import ConfigError, ModelError, PatternError
+from sparseforge.models import get_adapter, get_weight
+from sparseforge.sparsity import Pattern, prune_count, satisfies
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["0.5", "2:4", "0.7"])
+def test_achieved_sparsity_equals_request_per_layer(tiny_model, calib_windows, method, pattern):
+    report = prune(tiny_model, method=method, pattern=pattern, calibration=calib_windows, progress=False)
+    adapter = get_adapter(tiny_model)
+    p = Pattern.parse(pattern)
+    assert len(report.layers) == len(adapter.blocks) * len(adapter.linear_names)
+    modules = dict(tiny_model.named_modules())
+    for layer in report.layers:
+        weight = get_weight(modules[layer.name]).detach()
+        assert satisfies(weight, p), layer.name
+        if p.is_nm:
+            assert layer.sparsity == pytest.approx(p.target_sparsity)
+        else:
+            assert int((weight == 0).sum()) == prune_count(weight.numel(), p.sparsity), layer.name
+    assert report.sparsity == pytest.approx(p.target_sparsity, abs=2e-3)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_sparsity_zero_leaves_logits_unchanged(tiny_model, calib_windows, method):
+    ids = calib_windows[:2]
+    before = logits(tiny_model, ids)
+    prune(tiny_model, method=method, sparsity=0.0, calibration=calib_windows, progress=False)
+    assert torch.equal(logits(tiny_model, ids), before)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 1}, {"propagate": "dense"}, {"batch_size": 2, "propagate": "dense"}])
+def test_two_pass_and_dense_propagation(calib_windows, kwargs):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    report = prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, progress=False, **kwargs)
+    assert report.sparsity == pytest.approx(0.5)
+    assert all(0 <= layer.relative_error < 1 for layer in report.layers)
+
+
+def test_one_pass_and_two_pass_agree_on_the_first_group(calib_windows):
+    """q/k/v see the same block input in both modes, so they prune identically."""
+    models = []
+    for batch_size in (None, 1):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, batch_size=batch_size,
+              progress=False)
+        models.append(model)
+    q = [m.model.layers[0].self_attn.q_proj.weight for m in models]
+    assert torch.allclose(q[0], q[1], atol=1e-5)
+
+
+def test_sparsegpt_layer_error_below_wanda(calib_windows):
+    errors = {}
+    for method in ("wanda", "sparsegpt"):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        ids = calib_windows
+        dense = logits(model, ids)
+        prune(model, method=method, sparsity=0.6, calibration=calib_windows, progress=False)
+        errors[method] = float((logits(model, ids) - dense).square().mean())
+    assert errors["sparsegpt"] < errors["wanda"]
+
+
+def test_bfloat16_compute_keeps_float32_weights(calib_windows):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune(model, method="sparsegpt", sparsity=0.0, calibration=calib_windows, compute_dtype="bfloat16",
+          progress=False)
+    for key, value in model.state_dict().items():
+        assert value.dtype == torch.float32
+        assert torch.equal(value, before[key]), key
+    report = prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, compute_dtype="bfloat16",
+                   progress=False)
+    assert report.sparsity == pytest.approx(0.5)
+    assert model.model.norm.weight.dtype == torch.float32
+
+
+def test_float16_model_prunes_with_float32_statistics(calib_windows):
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.float16)
+    report = prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, progress=False)
+    assert report.sparsity == pytest.approx(0.5)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
+    assert torch.isfinite(logits(model, calib_windows[:1]).float()).all()
+
+
+def test_overrides_skip_and_block_fraction(calib_windows):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    report = prune(
+        model, method="wanda", sparsity=0.5, calibration=calib_windows, progress=False,
+        overrides={"*.mlp.down_proj": "2:4"}, skip=("*.self_attn.o_proj",), block_fraction=0.5,
+    )
+    names = {layer.name: layer for layer in report.layers}
+    assert all(name.startswith("model.layers.0.") for name in names)
+    assert "model.layers.0.self_attn.o_proj" not in names
+    assert names["model.layers.0.mlp.down_proj"].pattern == "2:4"
+    assert (model.model.layers[1].mlp.down_proj.weight != 0).all()
+    assert (model.model.layers[0].self_attn.o_proj.weight != 0).all()
+
+
+def test_gpt2_conv1d_is_pruned_along_its_inputs(calib_windows):
+    from tiny import tiny_gpt2
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    prune(model, method="sparsegpt", pattern="2:4", calibration=calib_windows, progress=False)
+    c_fc = model.transformer.h[0].mlp.c_fc.weight  # Conv1D: (in, out)
+    groups = (c_fc.T.reshape(c_fc.shape[1], -1, 4) != 0).sum(-1)
+    assert (groups <= 2).all()
+
+
+def test_pattern_that_does_not_fit_fails_before_work(calib_windows):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    with pytest.raises(PatternError, match="not a multiple of M=48"):
+        prune(model, method="sparsegpt", pattern="2:48", calibration=calib_windows, progress=False)
+    assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
+
+
+def test_bad_settings_raise_config_errors(calib_windows):
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="unknown method 'obs'"):
+        prune(model, method="obs", sparsity=0.5, calibration=calib_windows, progress=False)
+    with pytest.raises(ConfigError, match="propagate"):
+        prune(model, sparsity=0.5, calibration=calib_windows, propagate="sideways", progress=False)
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        prune(model, sparsity=0.5, calibration=torch.zeros(0, 8, dtype=torch.long), progress=False)
+
+
+def test_unknown_architecture_names_the_fix():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ModelError, match="add an adapter"):
+        get_adapter(model)

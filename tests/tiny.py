@@ -1,0 +1,36 @@
+"""Tiny CPU models built from configs, one per supported family, and test inputs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 128
+
+
+def tiny_llama():
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config)
+
+
+def tiny_opt():
+    config = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=256, word_embed_proj_dim=64)
+    return OPTForCausalLM(config)
+
+
+def tiny_gpt2():
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(config)
+
+
+TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
+
+
+def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """(n, d) inputs with strongly correlated features and uneven scales, like LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g) / d**0.5
+    scales = torch.logspace(-1, 1, d)[torch.randperm(d, generator=g)]
+    return (torch.randn(n, d, generator=g) @ mixing + 0.1 * torch.randn(n, d, generator=g)) * scales
