@@ -349,14 +349,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from torch.utils.data import DataLoader, SequentialSampler
-
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import (
         SparseGPTModifier,
         WandaPruningModifier,
     )
+    from torch.utils.data import DataLoader, SequentialSampler
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(args.model)
     out_dir = Path(args.output)

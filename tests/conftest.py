@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tiny import TINY_MODELS, VOCAB
 
 
@@ -18,3 +19,28 @@ def tiny_model(request):
 @pytest.fixture
 def calib_windows():
     return torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    """The embedded SmolLM2-135M, converted once to a safetensors directory in the cache."""
+    from sparseforge.assets import embedded_model_gguf
+    from sparseforge.loading import gguf_to_directory
+
+    return gguf_to_directory(embedded_model_gguf())
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_dir):
+    """A tiny random Llama saved as an HF directory, with SmolLM2's real tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

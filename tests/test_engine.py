@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from tiny import VOCAB, tiny_llama
 
 from sparseforge import prune
 from sparseforge.errors import ConfigError, ModelError, PatternError
 from sparseforge.models import get_adapter, get_weight
 from sparseforge.sparsity import Pattern, prune_count, satisfies
+from tiny import VOCAB, tiny_llama
 
 
 def logits(model, ids):

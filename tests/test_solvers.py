@@ -10,7 +10,6 @@ from sparseforge.oneshot.sparsegpt import inverse_hessian_factor
 from sparseforge.oneshot.stats import InputStats
 from sparseforge.oneshot.wanda import wanda_scores
 from sparseforge.sparsity import Pattern, prune_count, satisfies, sparsity_of
-
 from tiny import correlated_inputs
 
 

@@ -1,0 +1,244 @@
+#!/usr/bin/env python
+"""One-shot pruning benchmark on SmolLM2-135M: quality, time, memory, vs llm-compressor.
+
+    .venv/bin/python benchmarks/oneshot.py                 # everything (peer too if set up)
+    .venv/bin/python benchmarks/oneshot.py --only sparsegpt:0.5 --no-peer
+
+Every configuration runs in its own process (so peak RSS is that run's alone)
+on the same calibration windows (32 x 512 tokens of the wiki train split, seed
+0) and is evaluated by the same evaluator on the first 40 held-out windows of
+512 tokens. llm-compressor runs from its own venv (``make bench-peer`` makes
+it) on the very same windows; its pruned model is evaluated here. Results go to
+``docs/results.md`` (the one-shot section) and ``docs/results_oneshot.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "work"
+PEER_PY = ROOT / "benchmarks" / ".venv-peer" / "bin" / "python"
+N_CALIB, SEQ_LEN, EVAL_WINDOWS, THREADS = 32, 512, 40, 2
+FP32_PEAK_GFLOPS = 170.0  # measured on this machine class, 2 threads
+
+CONFIGS = [  # (tool, method, pattern, compute dtype)
+    *[("sparseforge", m, p, None) for p in ("0.5", "2:4", "0.7") for m in ("magnitude", "wanda", "sparsegpt")],
+    *[("sparseforge", m, p, "bfloat16") for p in ("0.5", "2:4", "0.7") for m in ("wanda", "sparsegpt")],
+    *[("llmcompressor", "sparsegpt", p, None) for p in ("0.5", "2:4", "0.7")],
+    ("llmcompressor", "wanda", "0.5", None),
+]
+
+
+def run_key(tool, method, pattern, dtype):
+    return f"{tool}:{method}:{pattern}" + (f":{dtype}" if dtype else "")
+
+
+# ---------------------------------------------------------------- workers (run in child processes)
+
+def _setup_torch():
+    import torch
+
+    torch.set_num_threads(THREADS)
+    return torch
+
+
+def worker_prepare(out: Path) -> None:
+    """Calibration and evaluation windows, and the dense model directory, once."""
+    _setup_torch()
+    import torch
+
+    from sparseforge import load_model
+    from sparseforge.assets import embedded_model_gguf
+    from sparseforge.data import fingerprint, load_windows
+    from sparseforge.loading import gguf_to_directory
+
+    model_dir = gguf_to_directory(embedded_model_gguf())
+    _, tokenizer = load_model(model_dir)
+    calib = load_windows(tokenizer, "wiki", "train", SEQ_LEN, n=N_CALIB, seed=0)
+    evalw = load_windows(tokenizer, "wiki", "eval", SEQ_LEN, n=EVAL_WINDOWS)
+    torch.save(calib, out / "calib.pt")
+    torch.save(evalw, out / "eval.pt")
+    (out / "prepare.json").write_text(json.dumps({
+        "model_dir": str(model_dir), "calib_fingerprint": fingerprint(calib), "eval_fingerprint": fingerprint(evalw),
+        "n_calib": N_CALIB, "seq_len": SEQ_LEN, "eval_windows": int(evalw.shape[0]),
+    }))
+
+
+def forward_flops(model, n_tokens: int, seq_len: int, passes: int, method: str) -> float:
+    """FLOPs of the calibration work: block forwards, Hessian products, SparseGPT updates."""
+    from sparseforge.models import get_adapter, get_weight
+
+    adapter = get_adapter(model)
+    cfg = model.config
+    total = 0.0
+    for block in adapter.blocks[:]:
+        linears = adapter.block_linears(block)
+        params = sum(get_weight(m).numel() for m in linears.values())
+        attn = 4 * n_tokens * seq_len * cfg.num_attention_heads * getattr(cfg, "head_dim", 64)
+        total += passes * (2 * n_tokens * params + attn)
+        if method == "sparsegpt":
+            for group in adapter.linear_groups:
+                w = [get_weight(linears[n]) for n in group]
+                cols = w[0].shape[1]
+                rows = sum(x.shape[0] for x in w)
+                total += 2 * n_tokens * cols * cols + rows * cols * cols + 128 * rows * cols
+    return total
+
+
+def worker_run(out: Path, key: str) -> None:
+    """Prune (ours) or load the peer's result, then evaluate on the shared windows."""
+    torch = _setup_torch()
+    from sparseforge import load_model, prune
+    from sparseforge.eval import perplexity
+    from sparseforge.measure import peak_rss_mb
+
+    prep = json.loads((out / "prepare.json").read_text())
+    tool, method, pattern, *rest = key.split(":")
+    dtype = rest[0] if rest else None
+    result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32"}
+    if tool == "dense":
+        model, _ = load_model(prep["model_dir"])
+        result.update(sparsity=0.0, prune_seconds=0.0, peak_rss_mb=peak_rss_mb())
+    elif tool == "sparseforge":
+        model, _ = load_model(prep["model_dir"])
+        calib = torch.load(out / "calib.pt")
+        report = prune(model, method=method, pattern=pattern, calibration=calib, compute_dtype=dtype, progress=False)
+        result.update(sparsity=report.sparsity, prune_seconds=report.seconds, peak_rss_mb=peak_rss_mb())
+        if method != "magnitude":
+            flops = forward_flops(model, N_CALIB * SEQ_LEN, SEQ_LEN, 1, method)
+            result.update(tflop=flops / 1e12, gflops_per_s=flops / 1e9 / report.seconds,
+                          fraction_of_fp32_peak=flops / 1e9 / report.seconds / FP32_PEAK_GFLOPS)
+    else:  # the peer's saved model, pruned in its own process
+        peer = json.loads((out / f"{key}.peer.json").read_text())
+        model, _ = load_model(out / f"{key}.model")
+        from sparseforge.eval.sparsity_report import sparsity_summary
+
+        result.update(sparsity=sparsity_summary(model)["prunable_sparsity"], prune_seconds=peer["oneshot_seconds"],
+                      peak_rss_mb=peer["peak_rss_mb"], versions=peer.get("versions"))
+    evalw = torch.load(out / "eval.pt")
+    result.update(perplexity(model, evalw, progress=False))
+    (out / f"{key}.json").write_text(json.dumps(result, indent=2))
+
+
+# ---------------------------------------------------------------- driver
+
+def run_child(args: list[str], log: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") as f:
+        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, args))} failed; see {log}")
+
+
+def run_peer(key: str, method: str, pattern: str) -> None:
+    target = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
+    prep = json.loads((WORK / "prepare.json").read_text())
+    run_child([str(PEER_PY), "benchmarks/peer_llmcompressor.py", "--model", prep["model_dir"],
+               "--windows", str(WORK / "calib.pt"), "--method", method, *target,
+               "--output", str(WORK / f"{key}.model"), "--json", str(WORK / f"{key}.peer.json"),
+               "--threads", str(THREADS)], WORK / f"{key}.peer.log")
+
+
+def fmt_table(results: list[dict]) -> str:
+    dense = next(r for r in results if r["tool"] == "dense")
+    peers = {(r["method"], r["pattern"]): r for r in results if r["tool"] == "llmcompressor"}
+    lines = [
+        "| tool | method | pattern | forward dtype | perplexity | sparsity | prune s | vs llm-compressor time | peak RSS MiB | GFLOP/s (% fp32 peak) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| dense | - | - | float32 | {dense['perplexity']:.2f} | 0 | - | - | {dense['peak_rss_mb']:.0f} | - |",
+    ]
+    for r in results:
+        if r["tool"] == "dense":
+            continue
+        peer = peers.get((r["method"], r["pattern"]))
+        ratio = f"{r['prune_seconds'] / peer['prune_seconds']:.2f}x" if peer and r["tool"] != "llmcompressor" else "-"
+        rate = f"{r['gflops_per_s']:.0f} ({100 * r['fraction_of_fp32_peak']:.0f}%)" if "gflops_per_s" in r else "-"
+        lines.append(
+            f"| {r['tool']} | {r['method']} | {r['pattern']} | {r['compute_dtype']} | {r['perplexity']:.2f} | "
+            f"{r['sparsity']:.4f} | {r['prune_seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | {rate} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(results: list[dict], meta: dict) -> None:
+    docs = ROOT / "docs"
+    docs.mkdir(exist_ok=True)
+    (docs / "results_oneshot.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    section = (
+        "<!-- oneshot:begin -->\n## One-shot pruning of SmolLM2-135M\n\n"
+        f"Machine: {meta['machine']}, {THREADS} threads. Calibration: {N_CALIB} windows x {SEQ_LEN} tokens of the "
+        f"wiki train split (seed 0, fingerprint `{meta['calib_fingerprint']}`), the same windows for every tool. "
+        f"Perplexity: the first {meta['eval_windows']} held-out windows x {SEQ_LEN} tokens "
+        f"(fingerprint `{meta['eval_fingerprint']}`), float32. Each row is its own process; peak RSS is that "
+        "process's maximum resident memory up to the end of pruning (before evaluation). "
+        "GFLOP/s counts block forwards, Hessian products and SparseGPT updates over the pruning wall time.\n\n"
+        f"Command: `.venv/bin/python benchmarks/oneshot.py` ({meta['date']}).\n\n"
+        + fmt_table(results) + "\n<!-- oneshot:end -->\n"
+    )
+    path = docs / "results.md"
+    text = path.read_text() if path.exists() else "# Results\n\nEvery number here is produced by a script in `benchmarks/`.\n\n"
+    if "<!-- oneshot:begin -->" in text:
+        head, rest = text.split("<!-- oneshot:begin -->", 1)
+        text = head + section + rest.split("<!-- oneshot:end -->\n", 1)[1]
+    else:
+        text += section
+    path.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], help="run only keys starting with this, e.g. sparsegpt:0.5")
+    parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs from a previous invocation")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        if args.worker[0] == "prepare":
+            worker_prepare(WORK)
+        else:
+            worker_run(WORK, args.worker[1])
+        return 0
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    me = [sys.executable, str(Path(__file__).resolve())]
+    if not (args.reuse and (WORK / "prepare.json").exists()):
+        run_child(me + ["--worker", "prepare"], WORK / "prepare.log")
+    meta = json.loads((WORK / "prepare.json").read_text())
+    peer_ok = PEER_PY.exists() and not args.no_peer
+    if not peer_ok and not args.no_peer:
+        print("llm-compressor venv missing: run `make bench-peer` to compare with it; skipping the peer", flush=True)
+    configs = [("dense", "-", "-", None)] + [
+        c for c in CONFIGS
+        if (c[0] != "llmcompressor" or peer_ok)
+        and (not args.only or any(f"{c[1]}:{c[2]}".startswith(o) or run_key(*c).startswith(o) for o in args.only))
+    ]
+    results = []
+    for config in configs:
+        key = run_key(*config)
+        done = WORK / f"{key}.json"
+        if not (args.reuse and done.exists()):
+            started = time.perf_counter()
+            if config[0] == "llmcompressor":
+                run_peer(key, config[1], config[2])
+            run_child(me + ["--worker", "run", key], WORK / f"{key}.log")
+            print(f"{key}: done in {time.perf_counter() - started:.0f}s", flush=True)
+        r = json.loads(done.read_text())
+        print(f"  perplexity {r['perplexity']:.2f}  sparsity {r['sparsity']:.4f}  prune {r['prune_seconds']:.1f}s  "
+              f"peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+        results.append(r)
+    meta.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))
+    write_docs(results, meta)
+    print(fmt_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""The CLI: every documented bad input gives exit 2 and a one-line message naming the fix."""
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from sparseforge.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_error(capsys, argv, fragment):
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("sparseforge: error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_help_works(capsys):
+    for argv in (["--help"], ["prune", "--help"], ["eval", "--help"], ["info", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    assert "1:4" in capsys.readouterr().out  # the N:M convention, with its worked example
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--sparsity", "1.2"], "outside [0, 1)"),
+        (["--sparsity", "-0.1"], "outside [0, 1)"),
+        (["--pattern", "4:2"], "need 1 <= N < M"),
+        (["--pattern", "0:4"], "need 1 <= N < M"),
+        (["--pattern", "2-4"], "malformed"),
+        (["--pattern", "2:48"], "not a multiple of M=48"),
+        (["--method", "obs"], "unknown method 'obs'"),
+        (["--seq-len", "1024"], "exceeds the model's context of 256"),
+        (["--calib", "/nonexistent/text.txt"], "not found"),
+    ],
+)
+def test_prune_errors(capsys, tiny_dir, extra, fragment):
+    assert_error(capsys, ["prune", "--model", str(tiny_dir), "--no-eval", "--n-calib", "2", "--seq-len", "16",
+                          *extra], fragment)
+
+
+def test_missing_model_and_unknown_architecture(capsys, tmp_path):
+    assert_error(capsys, ["prune", "--model", "/nonexistent/model", "--no-eval"], "not found")
+    assert_error(capsys, ["eval", "--model", str(tmp_path / "none.gguf")], "not found")
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    assert_error(capsys, ["prune", "--model", str(tmp_path / "bert"), "--no-eval"], "add an adapter")
+
+
+def test_empty_and_short_text(capsys, tiny_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert_error(capsys, ["prune", "--model", str(tiny_dir), "--no-eval", "--calib", str(empty), "--seq-len", "64"],
+                 "holds no text")
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words.")
+    assert_error(capsys, ["prune", "--model", str(tiny_dir), "--no-eval", "--calib", str(short), "--seq-len", "64"],
+                 "fewer than one window")
+
+
+def test_non_finite_activations_name_the_layer(capsys, tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "nan")
+    assert_error(capsys, ["prune", "--model", str(tmp_path / "nan"), "--no-eval", "--n-calib", "2", "--seq-len", "16"],
+                 "model.layers.1.mlp.gate_proj")
+
+
+def test_prune_eval_info_end_to_end(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "pruned"
+    code, stdout, err = run(capsys, "prune", "--model", str(tiny_dir), "--method", "wanda", "--pattern", "2:4",
+                            "--n-calib", "4", "--seq-len", "32", "--eval-windows", "2", "--output", str(out),
+                            "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    assert "perplexity  dense" in stdout and "sparsity 0.5000" in stdout
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["metrics"]["pruned"]["n_windows"] == 2
+    assert json.loads((out / "sparseforge.json").read_text())["pruning"]["config"]["method"] == "wanda"
+    assert_error(capsys, ["prune", "--model", str(tiny_dir), "--no-eval", "--output", str(out)], "--overwrite")
+
+    code, stdout, _ = run(capsys, "eval", "--model", str(out), "--seq-len", "32", "--eval-windows", "2")
+    assert code == 0
+    assert json.loads(stdout.splitlines()[-1])["perplexity"] == pytest.approx(results["metrics"]["pruned"]["perplexity"])
+
+    code, stdout, _ = run(capsys, "info", str(out), "--layers", "--json", str(tmp_path / "info.json"))
+    assert code == 0
+    assert "50.00% zeros in 14 layers" in stdout and "2:4" in stdout and "pruned with wanda" in stdout
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert all(layer["pattern"] == "2:4" for layer in info["layers"])
+    assert_error(capsys, ["info", str(tmp_path / "missing")], "not found")
