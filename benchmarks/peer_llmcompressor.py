@@ -93,7 +93,7 @@ def parse_pattern(text: str) -> tuple[int, int]:
         n_str, m_str = text.split(":")
         n, m = int(n_str), int(m_str)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"pattern must look like N:M, got {text!r}")
+        raise argparse.ArgumentTypeError(f"pattern must look like N:M, got {text!r}") from None
     if not 0 < n < m:
         raise argparse.ArgumentTypeError(f"pattern N:M needs 0 < N < M, got {text!r}")
     return n, m
@@ -103,16 +103,14 @@ def parse_sparsity(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"sparsity must be a number, got {text!r}") from None
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"sparsity must be in (0, 1), got {text!r}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Prune a dense HF causal LM with llm-compressor (peer baseline)."
-    )
+    p = argparse.ArgumentParser(description="Prune a dense HF causal LM with llm-compressor (peer baseline).")
     p.add_argument("--model", required=True, help="dense HF model directory")
     p.add_argument(
         "--windows",
@@ -121,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", required=True, choices=("sparsegpt", "wanda"))
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument(
-        "--sparsity", type=parse_sparsity, help="unstructured sparsity, e.g. 0.5"
-    )
+    target.add_argument("--sparsity", type=parse_sparsity, help="unstructured sparsity, e.g. 0.5")
     target.add_argument(
         "--pattern",
         type=parse_pattern,
@@ -162,27 +158,17 @@ def load_windows(path: str, vocab_size: int):
         windows = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - reported as one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UsageError(
-            f"cannot read calibration windows {path}: {type(exc).__name__}: {first}"
-        )
+        raise UsageError(f"cannot read calibration windows {path}: {type(exc).__name__}: {first}") from exc
     if not isinstance(windows, torch.Tensor):
-        raise UsageError(
-            f"{path} must hold a tensor of token ids, found {type(windows).__name__}"
-        )
+        raise UsageError(f"{path} must hold a tensor of token ids, found {type(windows).__name__}")
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 1:
-        raise UsageError(
-            f"{path} must hold a 2-D tensor (n, seq_len), found shape "
-            f"{tuple(windows.shape)}"
-        )
+        raise UsageError(f"{path} must hold a 2-D tensor (n, seq_len), found shape {tuple(windows.shape)}")
     if windows.dtype.is_floating_point or windows.dtype == torch.bool:
         raise UsageError(f"{path} must hold integer token ids, found {windows.dtype}")
     windows = windows.to(torch.long).contiguous()
     lo, hi = int(windows.min()), int(windows.max())
     if lo < 0 or hi >= vocab_size:
-        raise UsageError(
-            f"token ids in {path} span [{lo}, {hi}], outside the model's "
-            f"vocabulary [0, {vocab_size})"
-        )
+        raise UsageError(f"token ids in {path} span [{lo}, {hi}], outside the model's vocabulary [0, {vocab_size})")
     return windows
 
 
@@ -218,10 +204,7 @@ def decoder_block_classes(model) -> list[str]:
     present = {type(m).__name__ for m in model.modules()}
     classes = [c for c in classes if c in present]
     if not classes:
-        raise UsageError(
-            "cannot tell the decoder block class of this model "
-            "(model._no_split_modules names none of its modules)"
-        )
+        raise UsageError("cannot tell the decoder block class of this model (model._no_split_modules names none of its modules)")
     return classes
 
 
@@ -268,9 +251,7 @@ def save_plain(model, model_dir: Path, out_dir: Path) -> None:
     result without compressed-tensors installed.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("*.safetensors")) + list(
-        out_dir.glob("*.safetensors.index.json")
-    ):
+    for stale in list(out_dir.glob("*.safetensors")) + list(out_dir.glob("*.safetensors.index.json")):
         stale.unlink()
     type(model).save_pretrained(model, str(out_dir), safe_serialization=True)
     for name in TOKENIZER_FILES:
@@ -295,10 +276,7 @@ def read_saved_weights(out_dir: Path, names: list[str]) -> dict:
                     found[key] = f.get_tensor(key)
     missing = wanted - found.keys()
     if missing:
-        raise RuntimeError(
-            f"{len(missing)} pruned weights missing from the saved model, "
-            f"e.g. {sorted(missing)[0]}"
-        )
+        raise RuntimeError(f"{len(missing)} pruned weights missing from the saved model, e.g. {sorted(missing)[0]}")
     return found
 
 
@@ -326,8 +304,7 @@ def measure(weights: dict, pattern: tuple[int, int] | None) -> dict:
         bad += int((nonzero > n_keep).sum())
     if bad:
         raise RuntimeError(
-            f"saved weights break the {n_keep}:{m} pattern: {bad} of {groups} "
-            f"groups of {m} have more than {n_keep} non-zeros"
+            f"saved weights break the {n_keep}:{m} pattern: {bad} of {groups} groups of {m} have more than {n_keep} non-zeros"
         )
     out["pattern_check"] = {
         "groups": groups,
@@ -368,13 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(exc))
     n_windows, seq_len = (int(x) for x in windows.shape)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.float32, device_map=None
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, device_map=None)
     model.eval()
-    has_tokenizer = (model_dir / "tokenizer_config.json").is_file() or (
-        model_dir / "tokenizer.json"
-    ).is_file()
+    has_tokenizer = (model_dir / "tokenizer_config.json").is_file() or (model_dir / "tokenizer.json").is_file()
     processor = AutoTokenizer.from_pretrained(str(model_dir)) if has_tokenizer else _NoProcessor()
 
     try:

@@ -25,6 +25,14 @@ class FFNSpec:
     up: str
     down: str
     gate: str | None = None
+    #: attribute path (from the block) of the activation callable the model applies
+    act: str | None = None
+
+    @property
+    def linears(self) -> dict[str, str]:
+        """Role ("gate", "up", "down") -> layer name, in execution order."""
+        roles = {"gate": self.gate, "up": self.up, "down": self.down}
+        return {role: name for role, name in roles.items() if name}
 
 
 def is_prunable(module: nn.Module) -> bool:
@@ -66,6 +74,13 @@ class ModelAdapter:
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {name: block.get_submodule(name) for name in self.linear_names}
+
+    def ffn_activation(self, block: nn.Module):
+        """The activation callable the block's FFN applies."""
+        obj = block
+        for part in (self.ffn.act or "").split("."):
+            obj = getattr(obj, part) if part else obj
+        return obj
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_name}.{index}"

@@ -15,7 +15,8 @@ class LlamaAdapter(ModelAdapter):
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     )
-    ffn = FFNSpec(activation="silu_gated", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
+    ffn = FFNSpec(activation="silu_gated", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+                  act="mlp.act_fn")
 
 
 class OPTAdapter(ModelAdapter):
@@ -26,7 +27,7 @@ class OPTAdapter(ModelAdapter):
         ("fc1",),
         ("fc2",),
     )
-    ffn = FFNSpec(activation="relu", up="fc1", down="fc2")
+    ffn = FFNSpec(activation="relu", up="fc1", down="fc2", act="activation_fn")
 
 
 class GPT2Adapter(ModelAdapter):
@@ -34,7 +35,7 @@ class GPT2Adapter(ModelAdapter):
 
     model_types = ("gpt2",)
     linear_groups = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
-    ffn = FFNSpec(activation="gelu", up="mlp.c_fc", down="mlp.c_proj")
+    ffn = FFNSpec(activation="gelu", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act")
 
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)

@@ -58,6 +58,12 @@ class OneShotConfig:
     compute_dtype: str | None = None
     dampening: float = 0.01
     block_size: int = 128
+    #: SparseLLM: weights of the output/pre-activation terms (alpha) and of the activation
+    #: term (beta); None = the family default. Only beta/alpha changes the result.
+    alpha: float | None = None
+    beta: float | None = None
+    #: SparseLLM outer iterations; 0 = SparseGPT on every layer
+    iterations: int = 4
 
     def __post_init__(self):
         self.pattern = Pattern.parse(self.pattern)
@@ -74,6 +80,12 @@ class OneShotConfig:
             raise ConfigError(f"compute dtype '{self.compute_dtype}' unknown: choose from {', '.join(DTYPES)}")
         if not self.dampening > 0:
             raise ConfigError(f"dampening {self.dampening} must be positive, e.g. 0.01")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} {value} must be positive, e.g. 5")
+        if self.iterations < 0:
+            raise ConfigError(f"iterations {self.iterations} must be 0 or more")
 
     def pattern_for(self, layer: str) -> Pattern | None:
         """The pattern of a layer, or None if it stays dense."""
@@ -96,6 +108,8 @@ class OneShotConfig:
             "compute_dtype": self.compute_dtype,
             "dampening": self.dampening,
             "block_size": self.block_size,
+            **({"alpha": self.alpha, "beta": self.beta, "iterations": self.iterations}
+               if get_method(self.method).joint_ffn else {}),
         }
 
 
@@ -118,6 +132,8 @@ class OneShotReport:
     seq_len: int
     #: where the calibration windows came from and their content hash
     calibration: dict = field(default_factory=dict)
+    #: method-specific logs keyed by module name (SparseLLM: objective per iteration of each FFN)
+    details: dict = field(default_factory=dict)
 
     @property
     def sparsity(self) -> float:
@@ -132,6 +148,7 @@ class OneShotReport:
             "n_windows": self.n_windows,
             "seq_len": self.seq_len,
             "calibration": self.calibration,
+            "details": self.details,
             "sparsity": self.sparsity,
             "layers": [vars(layer) for layer in self.layers],
         }
@@ -237,6 +254,78 @@ class _GroupPruner:
         return out
 
 
+#: SparseLLM's alpha = beta per FFN family (METHODS.md section 3); only their ratio matters
+SPARSELLM_DEFAULTS = {"relu": 0.1, "silu_gated": 5.0, "gelu": 1.0}
+
+
+class _InputCollector:
+    """Keeps a layer's inputs (all calibration tokens), for solvers that need X itself."""
+
+    def __init__(self, layer: str):
+        self.layer, self.chunks = layer, []
+
+    def add(self, inputs: torch.Tensor) -> None:
+        self.chunks.append(inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32))
+
+    def take(self) -> torch.Tensor:
+        x = torch.cat(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        self.chunks = []
+        return x
+
+
+class _FFNPruner:
+    """Prunes a block's whole FFN jointly (SparseLLM) from the FFN's calibration inputs."""
+
+    def __init__(self, adapter, block, layers, modules, originals, config, block_name):
+        from ..errors import ModelError as _ModelError
+
+        spec = adapter.ffn
+        self.roles = spec.linears  # role -> layer name
+        self.names = list(self.roles.values())
+        self.modules, self.originals, self.block_name = modules, originals, block_name
+        self.patterns = {role: layers[name] for role, name in self.roles.items()}
+        self.activation = spec.activation
+        act = adapter.ffn_activation(block)
+        if spec.activation == "relu" and not isinstance(act, nn.ReLU):
+            raise _ModelError(f"SparseLLM's ReLU closed form needs a ReLU FFN; {block_name} uses {act}: "
+                              "use --method sparsegpt")
+        self.model_activation = act if spec.activation == "gelu" else None
+        default = SPARSELLM_DEFAULTS[spec.activation]
+        self.alpha = config.alpha if config.alpha is not None else default
+        self.beta = config.beta if config.beta is not None else default
+        self.config = config
+        self.stats = _InputCollector(f"{block_name}.{self.names[0]}")
+        self.pruned = None
+        self.log = None
+
+    def prune(self) -> None:
+        from .sparsellm import FFNProblem, sparsellm_ffn
+
+        problem = FFNProblem(
+            activation=self.activation,
+            inputs=self.stats.take(),
+            weights={role: self.originals[name] for role, name in self.roles.items()},
+            biases={role: (None if self.modules[name].bias is None else self.modules[name].bias.detach().float())
+                    for role, name in self.roles.items()},
+            model_activation=self.model_activation,
+        )
+        result = sparsellm_ffn(problem, self.patterns, alpha=self.alpha, beta=self.beta,
+                               iterations=self.config.iterations, dampening=self.config.dampening,
+                               block_size=self.config.block_size, layer=self.block_name)
+        self.pruned = {self.roles[role]: w for role, w in result.weights.items()}
+        for name in self.names:
+            set_weight(self.modules[name], self.pruned[name])
+        self.log = {"alpha": self.alpha, "beta": self.beta, "objective": result.objective,
+                    "output_error": result.output_error, "best_iteration": result.best_iteration}
+        log.info("%s FFN: objective %s; output error %.4g (SparseGPT) -> %.4g", self.block_name,
+                 " > ".join(f"{v:.4g}" for v in result.objective), result.output_error[0],
+                 result.output_error[result.best_iteration])
+
+    def results(self) -> list[LayerResult]:
+        return [LayerResult(f"{self.block_name}.{n}", str(self.patterns[r]), sparsity_of(self.pruned[n]),
+                            self.pruned[n].numel()) for r, n in self.roles.items()]
+
+
 def prune_model(
     model: nn.Module, calibration: torch.Tensor | None, config: OneShotConfig, progress: bool = True
 ) -> OneShotReport:
@@ -265,6 +354,7 @@ def prune_model(
     n_windows = 0 if calibration is None else int(calibration.shape[0])
     seq_len = 0 if calibration is None else int(calibration.shape[1])
     results: list[LayerResult] = []
+    details: dict = {}
     model_dtype = next(model.parameters()).dtype
     compute_dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
     if compute_dtype == model_dtype:
@@ -285,17 +375,18 @@ def prune_model(
             bar = tqdm(range(last_block + 1), desc=f"{method.name} {config.pattern}", disable=not progress)
             for index in bar:
                 t0 = time.perf_counter()
-                block_results, hidden = _prune_block(
+                block_results, hidden, block_details = _prune_block(
                     adapter, index, plan[index], method, options, hidden, calls, config, compute_dtype, model_dtype
                 )
                 results += block_results
+                details.update(block_details)
                 log.info(
                     "block %d/%d: %d layers pruned in %.2fs",
                     index + 1, last_block + 1, len(block_results), time.perf_counter() - t0,
                 )
             del hidden, calls
     model.train(was_training)
-    return OneShotReport(config.to_dict(), results, time.perf_counter() - start, n_windows, seq_len)
+    return OneShotReport(config.to_dict(), results, time.perf_counter() - start, n_windows, seq_len, details=details)
 
 
 def _prune_without_data(adapter, index, layers, method, options) -> list[LayerResult]:
@@ -316,7 +407,7 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
     prefix = adapter.block_prefix(index)
     modules = adapter.block_linears(block)
     if not layers:
-        return [], _run_block(block, hidden, calls, compute_dtype, model_dtype)
+        return [], _run_block(block, hidden, calls, compute_dtype, model_dtype), {}
 
     originals = {n: get_weight(modules[n]).detach().float().contiguous().clone() for n in layers}
     snapshot = None
@@ -325,8 +416,16 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
         block.to(compute_dtype)
 
     groups = []
+    joint = None
+    if method.joint_ffn and config.iterations > 0 and adapter.ffn is not None:
+        if all(name in layers for name in adapter.ffn.linears.values()):
+            joint = _FFNPruner(adapter, block, layers, modules, originals, config, prefix)
+        else:
+            log.warning("%s: part of the FFN is skipped, so it is pruned layer by layer", prefix)
     for group in adapter.linear_groups:
-        names = [n for n in group if n in layers]
+        names = [n for n in group if n in layers and not (joint and n in joint.names)]
+        if joint and group[0] == joint.names[0]:
+            groups.append(joint)  # the FFN unit takes the place of its first group
         if names:
             groups.append(
                 _GroupPruner(method, names, modules, {n: layers[n] for n in names}, originals, options,
@@ -371,4 +470,5 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
             for name in g.names:
                 set_weight(modules[name], g.pruned[name])
     results = [r for g in groups for r in g.results()]
-    return results, (dense_outputs if config.propagate == "dense" else outputs)
+    details = {f"{prefix}.ffn": joint.log} if joint is not None else {}
+    return results, (dense_outputs if config.propagate == "dense" else outputs), details

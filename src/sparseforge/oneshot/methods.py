@@ -53,6 +53,8 @@ class OneShotMethod:
     stats_kind: str | None
     prune_group: GroupPruner
     summary: str
+    #: prunes a whole FFN jointly from its inputs (SparseLLM); other layers use prune_group
+    joint_ffn: bool = False
 
 
 METHODS: dict[str, OneShotMethod] = {
@@ -61,6 +63,8 @@ METHODS: dict[str, OneShotMethod] = {
         OneShotMethod("magnitude", None, _magnitude, "smallest |W| per layer; needs no data"),
         OneShotMethod("wanda", "sq_norms", _wanda, "|W| x input norm, per output row; no update"),
         OneShotMethod("sparsegpt", "hessian", _sparsegpt, "OBS mask + weight update from X X^T"),
+        OneShotMethod("sparsellm", "hessian", _sparsegpt, "FFNs pruned jointly (auxiliary variables), rest SparseGPT",
+                      joint_ffn=True),
     )
 }
 

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..errors import NumericalError
+from ..errors import NumericalError, PatternError
 from ..sparsity.masks import nm_mask, prune_count, smallest_k_mask
 from ..sparsity.pattern import Pattern
 
@@ -20,30 +20,34 @@ log = logging.getLogger(__name__)
 
 # Dampening multipliers tried in turn when the Cholesky factorisation fails.
 _DAMPENING_RETRIES = (1.0, 10.0, 100.0)
+# columns per inner sub-block of rank-1 updates (a multiple of 4 and 8 for N:M groups)
+_SUB_BLOCK = 32
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, layer: str = "") -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)^-1 with λ = dampening * mean(diag H).
 
-    Factorised in float64 (cheap at these widths, and it avoids spurious failures);
-    on failure retries with 10x and 100x the dampening, then raises NumericalError.
+    Factorised in float32 first; where that fails, in float64 (which avoids most
+    spurious failures), then with 10x and 100x the dampening, then NumericalError.
     """
-    H = hessian.to(torch.float64)
+    H = hessian.to(torch.float32)
     if not torch.isfinite(H).all():
         raise NumericalError(
             f"non-finite Hessian for layer {layer}: the calibration activations overflowed; "
             "use float32 (--dtype float32) or check the data"
         )
     mean_diag = H.diagonal().mean()
-    for factor in _DAMPENING_RETRIES:
-        damped = H.clone()
+    attempts = [(torch.float32, _DAMPENING_RETRIES[0])] + [(torch.float64, f) for f in _DAMPENING_RETRIES]
+    for dtype, factor in attempts:
+        damped = H.to(dtype, copy=True)
         damped.diagonal().add_(dampening * factor * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if info == 0 and torch.isfinite(upper).all():
                 return upper.to(torch.float32)
-        log.warning("Cholesky failed for %s with dampening %g; retrying with more", layer, dampening * factor)
+        if dtype == torch.float64:
+            log.warning("Cholesky failed for %s with dampening %g; retrying with more", layer, dampening * factor)
     raise NumericalError(
         f"Cholesky factorisation of the Hessian of {layer} failed even with dampening "
         f"{dampening * _DAMPENING_RETRIES[-1]:g}: give more or more varied calibration data, or raise --dampening"
@@ -72,8 +76,8 @@ def sparsegpt_prune(
     W = weight.detach().to(torch.float32).clone()
     rows, cols = W.shape
     pattern.check_width(cols, layer)
-    if pattern.is_nm and block_size % pattern.m:
-        block_size = max(pattern.m, block_size - block_size % pattern.m)
+    if pattern.is_nm and (block_size % pattern.m or _SUB_BLOCK % pattern.m):
+        raise PatternError(f"N:M with M={pattern.m} needs M to divide {_SUB_BLOCK} and the block size {block_size}")
     if not pattern.is_nm and pattern.sparsity == 0:
         return W
     H = hessian.to(torch.float32).clone()
@@ -102,16 +106,23 @@ def sparsegpt_prune(
                 seg = r1 - r0
                 k = prune_count(seg * i2, pattern.sparsity) - prune_count(seg * i1, pattern.sparsity)
                 mask1[r0:r1] = smallest_k_mask(scores[r0:r1], k)
-        for i in range(i2 - i1):
-            if pattern.is_nm and i % pattern.m == 0:
-                group = W1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square()[None, :]
-                mask1[:, i : i + pattern.m] = nm_mask(group, pattern.n, pattern.m)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
+        count = i2 - i1
+        # two-level lazy updates: rank-1 updates stay inside a narrow sub-block, the
+        # rest of the block gets one matrix update per sub-block (same arithmetic)
+        for j1 in range(0, count, _SUB_BLOCK):
+            j2 = min(j1 + _SUB_BLOCK, count)
+            for i in range(j1, j2):
+                if pattern.is_nm and i % pattern.m == 0:
+                    group = W1[:, i : i + pattern.m].square() / d[i : i + pattern.m].square()[None, :]
+                    mask1[:, i : i + pattern.m] = nm_mask(group, pattern.n, pattern.m)
+                w = W1[:, i]
+                q = w.masked_fill(mask1[:, i], 0.0)
+                Q1[:, i] = q
+                err = (w - q) / d[i]
+                W1[:, i:j2].addr_(err, Hinv1[i, i:j2], alpha=-1.0)
+                Err1[:, i] = err
+            if j2 < count:
+                W1[:, j2:].addmm_(Err1[:, j1:j2], Hinv1[j1:j2, j2:], alpha=-1.0)
         W[:, i1:i2] = Q1
         if i2 < cols:
             W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)

@@ -15,13 +15,23 @@ def prune_count(numel: int, sparsity: float) -> int:
 
 
 def smallest_k_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
-    """Mark the ``k`` smallest scores (over the whole tensor, or along ``dim`` per slice)."""
+    """Mark exactly the ``k`` smallest scores (over the whole tensor, or along ``dim`` per slice).
+
+    Ties at the threshold are broken by position (first ones pruned).
+    """
     mask = torch.zeros(scores.shape, dtype=torch.bool)
     if k <= 0:
         return mask
     if dim is None:
-        idx = torch.topk(scores.flatten(), k, largest=False).indices
-        mask.view(-1)[idx] = True
+        flat = scores.reshape(-1)
+        if k >= flat.numel():
+            return ~mask
+        # selection, not sorting: kthvalue is linear in the size where topk(k ~ n/2) is not
+        threshold = torch.kthvalue(flat, k).values
+        below = flat < threshold
+        ties = (flat == threshold).nonzero().squeeze(1)[: k - int(below.sum())]
+        below[ties] = True
+        return below.reshape(scores.shape)
     else:
         idx = torch.topk(scores, k, dim=dim, largest=False).indices
         mask.scatter_(dim, idx, True)

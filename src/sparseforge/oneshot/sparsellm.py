@@ -1,0 +1,369 @@
+"""SparseLLM (paper 002, METHODS.md section 3): prune an FFN jointly through auxiliary variables.
+
+Pure tensor functions. Layout is token-major, as activations are in PyTorch:
+``X`` (N x d) is the FFN input, ``Y`` (N x d) the dense FFN's output on it, and
+the auxiliary variables are (N x f): ``s`` gate output, ``z`` up output (pre-
+activation for ReLU/GELU FFNs), ``a`` down input. The objective (gated form) is
+
+    α‖Y − a Wdᵀ − bd‖² + β‖a − SiLU(s)⊙z‖² + α‖z − X Wuᵀ − bu‖² + α‖s − X Wgᵀ − bg‖²
+
+and each iteration applies, in order, the weight step (targets from the
+auxiliary variables, pruned by SparseGPT on their own input Hessian), the
+ridge update of ``a``, the closed-form ``z`` update and the element-wise ``s``
+update. Each variable update is the exact minimiser of its sub-problem; a
+pruned weight is only accepted when it lowers its own term (SparseGPT is a
+heuristic on that term), so the objective never increases. The weights
+returned are those of the iterate with the lowest FFN output error on the
+calibration tokens, and iteration 0 is plain SparseGPT, so the result is never
+worse than SparseGPT on the data it was calibrated on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NumericalError
+from ..sparsity.pattern import Pattern
+from .sparsegpt import sparsegpt_prune
+
+log = logging.getLogger(__name__)
+
+#: elements per chunk of the element-wise solves (keeps temporaries small)
+CHUNK = 1 << 20
+
+
+# ------------------------------------------------------------------ element-wise sub-problems
+
+def relu_z_update(a: torch.Tensor, m: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """argmin_z β(a − ReLU(z))² + α(z − m)², element-wise, in closed form (two branches)."""
+    z_off = torch.clamp(m, max=0.0)  # ReLU(z) = 0 branch: best z <= 0 is min(m, 0)
+    z_on = torch.clamp((beta * a + alpha * m) / (alpha + beta), min=0.0)  # z >= 0 branch
+
+    def cost(z):
+        return beta * (a - torch.relu(z)).square() + alpha * (z - m).square()
+
+    return torch.where(cost(z_on) <= cost(z_off), z_on, z_off)
+
+
+def _silu_derivatives(t):
+    sig = torch.sigmoid(t)
+    value = t * sig
+    d1 = sig * (1 + t * (1 - sig))
+    d2 = sig * (1 - sig) * (2 + t * (1 - 2 * sig))
+    return value, d1, d2
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_derivatives(t):
+    cdf = 0.5 * (1 + torch.erf(t * _SQRT_HALF))
+    pdf = torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
+    return t * cdf, cdf + t * pdf, pdf * (2 - t * t)
+
+
+ACTIVATIONS_1D = {"silu": _silu_derivatives, "gelu": _gelu_derivatives}
+#: where each activation has its minimum (it is monotone on either side)
+_TURNING_POINT = {"silu": -1.2784645, "gelu": -0.7517916}
+_KNOTS = (-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)
+
+
+def scalar_activation_solve(
+    activation: str,
+    a: torch.Tensor,
+    c: torch.Tensor | float,
+    m: torch.Tensor,
+    alpha: float,
+    beta: float,
+    start: torch.Tensor | None = None,
+    iterations: int = 8,
+    grid: int = 5,
+) -> torch.Tensor:
+    """argmin_t β(a − c·φ(t))² + α(t − m)² per element, φ = SiLU or GELU (non-convex in t).
+
+    Any minimiser lies within r = sqrt(β/α)·|a − c·φ(m)| of m (its cost is at most
+    the cost at m). φ is monotone on either side of its minimum, so the cost has at
+    most one basin per side: the solve samples m, ``start``, a grid over
+    [m − r, m + r] and fixed knots where φ bends, then refines the best sample on
+    each side by safeguarded Newton (a gradient step where the curvature is not
+    positive, halved until the cost drops) and keeps the better. The cost never
+    rises above the best sample (so never above ``start``). Tolerance: Newton
+    stops once |step| < 1e-6·(1 + |t|) everywhere, or after ``iterations`` steps.
+    """
+    derivatives = ACTIVATIONS_1D[activation]
+    c = torch.as_tensor(c, dtype=a.dtype)
+
+    def cost(t):
+        return beta * (a - c * derivatives(t)[0]).square() + alpha * (t - m).square()
+
+    radius = math.sqrt(beta / alpha) * (a - c * derivatives(m)[0]).abs()
+    lo, hi = m - radius, m + radius
+    candidates = [m] + ([start] if start is not None else [])
+    candidates += [m + radius * (2 * k / (grid - 1) - 1) for k in range(grid)] if grid > 1 else []
+    # the activation bends only near the origin: fixed points there catch basins that a
+    # grid over a wide bracket steps over
+    candidates += [torch.clamp(torch.full_like(m, p), lo, hi) for p in _KNOTS] if grid > 1 else []
+    # φ is monotone on each side of its minimum, so f has at most one basin per side:
+    # refine the best sampled point of each side, keep the better result
+    turn = _TURNING_POINT[activation]
+    results = []
+    for side in (lambda t: t >= turn, lambda t: t < turn):
+        best_t, best_f = m.clone(), torch.full_like(m, float("inf"))
+        for t in candidates:
+            f = torch.where(side(t), cost(t), torch.full_like(t, float("inf")))
+            better = f < best_f
+            best_t, best_f = torch.where(better, t, best_t), torch.where(better, f, best_f)
+        results.append(_newton_1d(derivatives, cost, a, c, m, alpha, beta, best_t, best_f, lo, hi, iterations))
+    (t1, f1), (t2, f2) = results
+    return torch.where(f1 <= f2, t1, t2)
+
+
+def _newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations):
+    """Safeguarded Newton on β(a − c·φ(t))² + α(t − m)² from (t, f = cost(t)); f never rises.
+    Entries with f = inf (no start on this side) stay where they are."""
+    for _ in range(iterations):
+        value, d1, d2 = derivatives(t)
+        r = a - c * value
+        grad = -2 * beta * c * d1 * r + 2 * alpha * (t - m)
+        curv = 2 * beta * (c * d1).square() - 2 * beta * c * d2 * r + 2 * alpha
+        # where the curvature is not positive, a step 1/L with a safe bound L
+        bound = 2 * alpha + 2 * beta * c.square() * 1.3 + 2 * beta * (c * r).abs() * 0.6
+        step = torch.where(curv > 0, grad / curv.clamp_min(1e-30), grad / bound)
+        step = torch.where(torch.isfinite(f), step, torch.zeros_like(step))
+        if bool((step.abs() < 1e-6 * (1 + t.abs())).all()):
+            break
+        for _halving in range(4):
+            trial = torch.clamp(t - step, lo, hi)
+            f_trial = cost(trial)
+            better = f_trial < f
+            t, f = torch.where(better, trial, t), torch.where(better, f_trial, f)
+            step = torch.where(better, torch.zeros_like(step), step * 0.5)
+            if not bool((step != 0).any()):
+                break
+    return t, f
+
+
+def _chunked(fn, *tensors, **kwargs):
+    """Apply an element-wise function over flat chunks of same-shaped tensors."""
+    shape = tensors[0].shape
+    flats = [t.reshape(-1) if isinstance(t, torch.Tensor) and t.shape == shape else t for t in tensors]
+    out = torch.empty_like(flats[0])
+    n = out.numel()
+    for i in range(0, n, CHUNK):
+        parts = [t[i : i + CHUNK] if isinstance(t, torch.Tensor) and t.numel() == n else t for t in flats]
+        out[i : i + CHUNK] = fn(*parts, **kwargs)
+    return out.reshape(shape)
+
+
+# ------------------------------------------------------------------ linear-algebra sub-problems
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return x.T @ x
+
+
+def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = argmin ‖T − U Wᵀ‖ from cross = Tᵀ U (out x in) and gram = Uᵀ U: W* = cross·gram⁻¹,
+    a pseudo-inverse guarded by λ = damp·mean(diag gram), solved in float64."""
+    g = gram.to(torch.float64)
+    g = g + damp * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype)
+    return torch.linalg.solve(g, cross.to(torch.float64).T).T.to(torch.float32)
+
+
+def ridge_activation_update(y_centered: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
+                            alpha: float, beta: float) -> torch.Tensor:
+    """a = argmin α‖y − a Wdᵀ‖² + β‖a − h‖² = (α y Wd + β h)(α WdᵀWd + βI)^-1."""
+    f = w_down.shape[1]
+    system = alpha * (w_down.T @ w_down).to(torch.float64) + beta * torch.eye(f, dtype=torch.float64)
+    inverse = torch.linalg.inv(system).to(torch.float32)
+    rhs = alpha * (y_centered @ w_down)
+    rhs.add_(h, alpha=beta)
+    return rhs @ inverse
+
+
+def gated_z_update(m_up: torch.Tensor, sig: torch.Tensor, a: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """argmin_z β(a − σ⊙z)² + α(z − m_up)² = (α m_up + β σ a)/(α + β σ²)."""
+    return (alpha * m_up + beta * sig * a) / (alpha + beta * sig.square())
+
+
+# ------------------------------------------------------------------ the FFN solver
+
+@dataclass
+class FFNProblem:
+    """An FFN and its calibration data. ``weights``/``biases`` keyed "gate", "up", "down"."""
+
+    activation: str  # "relu", "gelu" or "silu_gated": the activation of the auxiliary objective
+    inputs: torch.Tensor  # X, (N x d)
+    weights: dict[str, torch.Tensor]
+    biases: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    #: the model's own activation where it differs (GPT-2's tanh-approximate GELU); used for Y
+    #: and the output error, while the objective uses the exact one its 1-D solve is built on
+    model_activation: object = None
+
+    def true_act(self, pre: torch.Tensor) -> torch.Tensor:
+        return self.model_activation(pre) if self.model_activation is not None else self.act(pre)
+
+    def bias(self, name):
+        return self.biases.get(name)
+
+    def linear(self, x, name, weight=None):
+        out = x @ (self.weights[name] if weight is None else weight).T
+        b = self.bias(name)
+        return out + b if b is not None else out
+
+    def act(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre) if self.activation == "relu" else F.gelu(pre)
+
+    def hidden(self, weights) -> torch.Tensor:
+        """The down projection's input for given weights."""
+        x = self.inputs
+        if self.activation == "silu_gated":
+            return F.silu(self.linear(x, "gate", weights["gate"])) * self.linear(x, "up", weights["up"])
+        return self.true_act(self.linear(x, "up", weights["up"]))
+
+    def output(self, weights) -> torch.Tensor:
+        return self.linear(self.hidden(weights), "down", weights["down"])
+
+
+@dataclass
+class SparseLLMResult:
+    weights: dict[str, torch.Tensor]
+    #: objective after each iteration (index 0: after the SparseGPT initialisation)
+    objective: list[float]
+    #: ‖Y − FFN(X)‖² / ‖Y‖² with the pruned weights after each iteration
+    output_error: list[float]
+    best_iteration: int
+
+
+def _quadratic_error(target_sq: float, cross: torch.Tensor, gram: torch.Tensor, weight: torch.Tensor) -> float:
+    """‖T − U Wᵀ‖² from ‖T‖², Tᵀ U and Uᵀ U, without touching the N tokens again."""
+    return target_sq - 2 * float((cross * weight).sum()) + float(((weight @ gram) * weight).sum())
+
+
+def sparsellm_ffn(
+    problem: FFNProblem,
+    patterns: dict[str, Pattern],
+    *,
+    alpha: float,
+    beta: float,
+    iterations: int = 4,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    layer: str = "ffn",
+) -> SparseLLMResult:
+    """Prune the FFN's linear layers jointly; see the module docstring.
+
+    Quadratic terms are evaluated from Gram matrices that the next weight step
+    needs anyway (XᵀX, aᵀa, targetᵀ·input), so checking the objective costs no
+    extra pass over the calibration tokens.
+    """
+    if alpha <= 0 or beta <= 0:
+        raise ValueError("alpha and beta must be positive")
+    gated = problem.activation == "silu_gated"
+    x = problem.inputs.to(torch.float32)
+    names = ["gate", "up", "down"] if gated else ["up", "down"]
+    inner_names = names[:-1]
+    n_tokens = x.shape[0]
+
+    def check(t, what):
+        if not torch.isfinite(t).all():
+            raise NumericalError(f"non-finite {what} in SparseLLM for {layer}: check the data or use float32")
+        return t
+
+    def prune(w, gram, name):
+        return sparsegpt_prune(w, gram * (2.0 / n_tokens), patterns[name], block_size=block_size,
+                               dampening=dampening, layer=f"{layer}.{name}")
+
+    def centered(t, name):
+        b = problem.bias(name)
+        return t - b if b is not None else t
+
+    def act_input(s_, z_):
+        return F.silu(s_) * z_ if gated else problem.act(z_)
+
+    gram_x = check(_gram(x), "FFN inputs")
+    # dense auxiliary variables; Y is the dense FFN's output
+    var = {n: problem.linear(x, n) for n in inner_names}  # s (gate) and z (up)
+    a = act_input(var.get("gate"), var["up"])
+    y = problem.linear(a if gated else problem.true_act(var["up"]), "down")
+    y_c = centered(y, "down")
+    y_sq = float(y_c.square().sum())
+    y_norm = max(float(y.square().sum()), 1e-30)
+
+    # iteration 0: SparseGPT on the dense weights with the dense input Hessians
+    weights = {k: v.to(torch.float32) for k, v in problem.weights.items()}
+    gram_a = _gram(a)
+    pruned = {n: prune(weights[n], gram_x, n) for n in inner_names}
+    pruned["down"] = prune(weights["down"], gram_a, "down")
+
+    def caches():
+        """Gram and cross products of the current variables (reused by the next weight step)."""
+        targets = {n: centered(var[n], n) for n in inner_names}
+        return (
+            {n: float(t.square().sum()) for n, t in targets.items()},
+            {n: t.T @ x for n, t in targets.items()},
+            _gram(a),
+            y_c.T @ a,
+        )
+
+    def objective(cache):
+        t_sq, cross, g_a, cross_a = cache
+        total = alpha * _quadratic_error(y_sq, cross_a, g_a, pruned["down"])
+        total += sum(alpha * _quadratic_error(t_sq[n], cross[n], gram_x, pruned[n]) for n in inner_names)
+        return total + beta * float((a - act_input(var.get("gate"), var["up"])).square().sum())
+
+    def output_error(m):
+        hidden = F.silu(m["gate"]) * m["up"] if gated else problem.true_act(m["up"])
+        return float((problem.linear(hidden, "down", pruned["down"]) - y).square().sum()) / y_norm
+
+    cache = caches()
+    history = [objective(cache)]
+    errors = [output_error({n: problem.linear(x, n, pruned[n]) for n in inner_names})]
+    best = (errors[0], 0, {k: v.clone() for k, v in pruned.items()})
+
+    for it in range(1, iterations + 1):
+        t_sq, cross, g_a, cross_a = cache
+        # 1. weights: least-squares targets pruned by SparseGPT, kept only where their term drops
+        for n in inner_names:
+            candidate = prune(least_squares_target(cross[n], gram_x, 1e-6), gram_x, n)
+            if _quadratic_error(t_sq[n], cross[n], gram_x, candidate) < _quadratic_error(t_sq[n], cross[n], gram_x, pruned[n]):
+                pruned[n] = candidate
+        candidate = prune(least_squares_target(cross_a, g_a, 1e-6), g_a, "down")
+        if _quadratic_error(y_sq, cross_a, g_a, candidate) < _quadratic_error(y_sq, cross_a, g_a, pruned["down"]):
+            pruned["down"] = candidate
+        del cache, t_sq, cross, g_a, cross_a
+
+        m = {n: problem.linear(x, n, pruned[n]) for n in inner_names}
+        err = output_error(m)
+
+        # 2. a: ridge regression between the down projection and the activation
+        a = check(ridge_activation_update(y_c, pruned["down"], act_input(var.get("gate"), var["up"]), alpha, beta),
+                  "activations a")
+        # 3./4. pre-activations: closed form for z, element-wise 1-D solves where non-convex
+        if gated:
+            var["up"] = check(gated_z_update(m["up"], F.silu(var["gate"]), a, alpha, beta), "up outputs z")
+            var["gate"] = check(_chunked(
+                lambda a_, z_, m_, s_: scalar_activation_solve("silu", a_, z_, m_, alpha, beta, s_),
+                a, var["up"], m["gate"], var["gate"]), "gate outputs s")
+        elif problem.activation == "relu":
+            var["up"] = _chunked(lambda a_, m_: relu_z_update(a_, m_, alpha, beta), a, m["up"])
+        else:
+            var["up"] = check(_chunked(
+                lambda a_, m_, z_: scalar_activation_solve("gelu", a_, 1.0, m_, alpha, beta, z_),
+                a, m["up"], var["up"]), "up outputs z")
+        del m
+
+        cache = caches()
+        history.append(objective(cache))
+        errors.append(err)
+        log.debug("%s: iteration %d objective %.5g output error %.5g", layer, it, history[-1], err)
+        if err < best[0]:
+            best = (err, it, {k: v.clone() for k, v in pruned.items()})
+    # the weights of the last iteration were measured before its variable updates: errors[it]
+    # belongs to the weights chosen in iteration it
+    return SparseLLMResult(best[2], history, errors, best[1])

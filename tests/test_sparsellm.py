@@ -1,0 +1,158 @@
+"""SparseLLM: every closed-form update is the exact minimiser of its sub-problem, the FFN
+objective never increases, and the result is never worse than SparseGPT."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import TINY_MODELS, VOCAB
+
+from sparseforge import prune
+from sparseforge.oneshot.sparsellm import (
+    FFNProblem,
+    gated_z_update,
+    least_squares_target,
+    relu_z_update,
+    ridge_activation_update,
+    scalar_activation_solve,
+    sparsellm_ffn,
+)
+from sparseforge.sparsity import Pattern, prune_count, satisfies
+
+G = torch.Generator().manual_seed(0)
+
+
+def rand(*shape, scale=1.0):
+    return torch.randn(*shape, generator=G, dtype=torch.float64) * scale
+
+
+def grid_min(cost, lo, hi, points=200001):
+    """Brute force: the lowest cost on a dense grid between lo and hi, per element."""
+    t = torch.linspace(0, 1, points, dtype=torch.float64)[:, None]
+    grid = lo[None] + (hi - lo)[None] * t
+    return cost(grid).min(dim=0).values
+
+
+def test_relu_update_is_exact_minimiser():
+    a, m = rand(200), rand(200)
+    alpha, beta = 0.7, 1.3
+    z = relu_z_update(a, m, alpha, beta)
+
+    def cost(t):
+        return beta * (a - torch.relu(t)).square() + alpha * (t - m).square()
+
+    best = grid_min(cost, torch.full_like(a, -6), torch.full_like(a, 6))
+    assert (cost(z) <= best + 1e-9).all()
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_scalar_solve_no_grid_point_is_lower(activation):
+    a, c, m = rand(300, scale=2), rand(300, scale=2), rand(300, scale=2)
+    if activation == "gelu":
+        c = torch.ones_like(a)
+    alpha, beta = 1.0, 5.0
+    phi = F.silu if activation == "silu" else F.gelu
+    t = scalar_activation_solve(activation, a, c, m, alpha, beta, start=m.clone())
+
+    def cost(x):
+        return beta * (a - c * phi(x)).square() + alpha * (x - m).square()
+
+    best = grid_min(cost, m - 12, m + 12)
+    assert (cost(t) <= best + 1e-7 * (1 + best)).all(), float((cost(t) - best).max())
+
+
+def test_scalar_solve_never_worse_than_its_start():
+    a, z, m = rand(500), rand(500), rand(500)
+    start = rand(500)
+    t = scalar_activation_solve("silu", a, z, m, 0.5, 2.0, start=start, iterations=2, grid=1)
+
+    def cost(x):
+        return 2.0 * (a - z * F.silu(x)).square() + 0.5 * (x - m).square()
+
+    assert (cost(t) <= cost(start) + 1e-12).all()
+
+
+def _zero_gradient(objective, variable):
+    variable = variable.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(variable), variable)
+    return grad.abs().max().item()
+
+
+def test_ridge_a_update_zero_gradient():
+    y, w, h = rand(64, 6), rand(6, 10), rand(64, 10)
+    alpha, beta = 0.3, 2.0
+    a = ridge_activation_update(y.float(), w.float(), h.float(), alpha, beta).double()
+    g = _zero_gradient(lambda v: alpha * (y - v @ w.T).square().sum() + beta * (v - h).square().sum(), a)
+    assert g < 1e-3
+
+
+def test_gated_z_update_zero_gradient():
+    m, sig, a = rand(50, 8), rand(50, 8), rand(50, 8)
+    z = gated_z_update(m, sig, a, 5.0, 3.0)
+    assert _zero_gradient(lambda v: 3.0 * (a - sig * v).square().sum() + 5.0 * (v - m).square().sum(), z) < 1e-9
+
+
+def test_least_squares_target_zero_gradient():
+    x, t = rand(400, 12), rand(400, 7)
+    w = least_squares_target(t.T @ x, x.T @ x, 0.0).double()
+    assert _zero_gradient(lambda v: (t - x @ v.T).square().sum(), w) < 1e-2
+
+
+def _problem(activation, d=32, f=64, n=1024):
+    x = (rand(n, d) @ rand(d, d) * 0.3).float()
+    weights = {"up": rand(f, d).float() * 0.2, "down": rand(d, f).float() * 0.2}
+    biases = {}
+    if activation == "silu_gated":
+        weights["gate"] = rand(f, d).float() * 0.2
+    else:
+        biases = {"up": rand(f).float() * 0.1, "down": rand(d).float() * 0.1}
+    return FFNProblem(activation, x, weights, biases)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu_gated", "gelu"])
+@pytest.mark.parametrize("pattern", ["0.7", "1:4", "2:4"])
+def test_objective_monotone_error_below_sparsegpt_pattern_exact(activation, pattern):
+    problem = _problem(activation)
+    p = Pattern.parse(pattern)
+    names = ["gate", "up", "down"] if activation == "silu_gated" else ["up", "down"]
+    result = sparsellm_ffn(problem, {n: p for n in names}, alpha=1.0, beta=1.0, iterations=4, block_size=32)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(result.objective, result.objective[1:])), result.objective
+    assert result.objective[-1] < result.objective[0]
+    assert result.output_error[result.best_iteration] <= result.output_error[0]
+    y = problem.output(problem.weights)
+    err = float((problem.output(result.weights) - y).square().sum() / y.square().sum())
+    assert err == pytest.approx(result.output_error[result.best_iteration], rel=1e-4)
+    for n in names:
+        w = result.weights[n]
+        assert satisfies(w, p)
+        if not p.is_nm:
+            assert int((w == 0).sum()) == prune_count(w.numel(), p.sparsity)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_on_tiny_models_beats_sparsegpt_at_high_sparsity(family):
+    ids = torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
+    outputs = {}
+    for method in ("sparsegpt", "sparsellm"):
+        torch.manual_seed(0)
+        model = TINY_MODELS[family]()
+        report = prune(model, method=method, sparsity=0.7, calibration=ids, progress=False)
+        assert report.sparsity == pytest.approx(0.7, abs=1e-4)
+        outputs[method] = report
+    details = outputs["sparsellm"].details
+    assert len(details) == 2
+    for log in details.values():
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(log["objective"], log["objective"][1:]))
+        assert log["output_error"][log["best_iteration"]] < log["output_error"][0]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_zero_iterations_is_sparsegpt(family):
+    ids = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(4))
+    states = []
+    for method, extra in (("sparsegpt", {}), ("sparsellm", {"iterations": 0})):
+        torch.manual_seed(0)
+        model = TINY_MODELS[family]()
+        prune(model, method=method, pattern="2:4", calibration=ids, progress=False, **extra)
+        states.append(model.state_dict())
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
