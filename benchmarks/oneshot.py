@@ -29,16 +29,38 @@ PEER_PY = ROOT / "benchmarks" / ".venv-peer" / "bin" / "python"
 N_CALIB, SEQ_LEN, EVAL_WINDOWS, THREADS = 32, 512, 40, 2
 FP32_PEAK_GFLOPS = 170.0  # measured on this machine class, 2 threads
 
-CONFIGS = [  # (tool, method, pattern, compute dtype)
-    *[("sparseforge", m, p, None) for p in ("0.5", "2:4", "0.7") for m in ("magnitude", "wanda", "sparsegpt")],
-    *[("sparseforge", m, p, "bfloat16") for p in ("0.5", "2:4", "0.7") for m in ("wanda", "sparsegpt")],
-    *[("llmcompressor", "sparsegpt", p, None) for p in ("0.5", "2:4", "0.7")],
-    ("llmcompressor", "wanda", "0.5", None),
-]
+def _ours(methods, patterns, dtype=None, n=None):
+    return [("sparseforge", m, p, dtype, n) for p in patterns for m in methods]
 
 
-def run_key(tool, method, pattern, dtype):
-    return f"{tool}:{method}:{pattern}" + (f":{dtype}" if dtype else "")
+# (tool, method, pattern, forward dtype or None, calibration windows or None = 32)
+SUITES = {
+    # the foundation comparison: three baselines, float32 and bfloat16 forwards, and llm-compressor
+    "foundation": [
+        *_ours(("magnitude", "wanda", "sparsegpt"), ("0.5", "2:4", "0.7")),
+        *_ours(("wanda", "sparsegpt"), ("0.5", "2:4", "0.7"), "bfloat16"),
+        *[("llmcompressor", "sparsegpt", p, None, None) for p in ("0.5", "2:4", "0.7")],
+        ("llmcompressor", "wanda", "0.5", None, None),
+    ],
+    # SparseLLM against the baselines, shaped like the paper's Table 2 (plus 50% and 2:4)
+    "sparsellm": [
+        *_ours(("magnitude", "wanda", "sparsegpt"), ("0.5", "2:4", "0.7", "0.8", "0.9", "1:4")),
+        *_ours(("sparsellm",), ("0.5", "2:4", "0.7", "0.8", "0.9", "1:4")),
+    ],
+    # the paper's appendix: perplexity vs calibration windows
+    "calibration": [c for n in (8, 16, 32, 64) for c in _ours(("sparsegpt", "sparsellm"), ("0.7",), None, n)],
+}
+
+
+def run_key(tool, method, pattern, dtype=None, n=None):
+    return f"{tool}:{method}:{pattern}" + (f":{dtype}" if dtype else "") + (f":n{n}" if n else "")
+
+
+def parse_key(key):
+    tool, method, pattern, *rest = key.split(":")
+    dtype = next((r for r in rest if not r.startswith("n")), None)
+    n = next((int(r[1:]) for r in rest if r.startswith("n")), None)
+    return tool, method, pattern, dtype, n
 
 
 # ---------------------------------------------------------------- workers (run in child processes)
@@ -65,6 +87,8 @@ def worker_prepare(out: Path) -> None:
     calib = load_windows(tokenizer, "wiki", "train", SEQ_LEN, n=N_CALIB, seed=0)
     evalw = load_windows(tokenizer, "wiki", "eval", SEQ_LEN, n=EVAL_WINDOWS)
     torch.save(calib, out / "calib.pt")
+    for n in (8, 16, 32, 64):  # the calibration-size study: nested draws of the same seed
+        torch.save(load_windows(tokenizer, "wiki", "train", SEQ_LEN, n=n, seed=0), out / f"calib{n}.pt")
     torch.save(evalw, out / "eval.pt")
     (out / "prepare.json").write_text(json.dumps({
         "model_dir": str(model_dir), "calib_fingerprint": fingerprint(calib), "eval_fingerprint": fingerprint(evalw),
@@ -101,17 +125,19 @@ def worker_run(out: Path, key: str) -> None:
     from sparseforge.measure import peak_rss_mb
 
     prep = json.loads((out / "prepare.json").read_text())
-    tool, method, pattern, *rest = key.split(":")
-    dtype = rest[0] if rest else None
-    result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32"}
+    tool, method, pattern, dtype, n_calib = parse_key(key)
+    result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32",
+              "n_calib": n_calib or N_CALIB}
     if tool == "dense":
         model, _ = load_model(prep["model_dir"])
         result.update(sparsity=0.0, prune_seconds=0.0, peak_rss_mb=peak_rss_mb())
     elif tool == "sparseforge":
         model, _ = load_model(prep["model_dir"])
-        calib = torch.load(out / "calib.pt")
+        calib = torch.load(out / ("calib.pt" if not n_calib else f"calib{n_calib}.pt"))
         report = prune(model, method=method, pattern=pattern, calibration=calib, compute_dtype=dtype, progress=False)
         result.update(sparsity=report.sparsity, prune_seconds=report.seconds, peak_rss_mb=peak_rss_mb())
+        if report.details:
+            result["ffn_logs"] = report.details
         if method != "magnitude":
             flops = forward_flops(model, N_CALIB * SEQ_LEN, SEQ_LEN, 1, method)
             result.update(tflop=flops / 1e12, gflops_per_s=flops / 1e9 / report.seconds,
@@ -147,17 +173,15 @@ def run_peer(key: str, method: str, pattern: str) -> None:
                "--threads", str(THREADS)], WORK / f"{key}.peer.log")
 
 
-def fmt_table(results: list[dict]) -> str:
-    dense = next(r for r in results if r["tool"] == "dense")
+def fmt_table(results: list[dict], dense: dict) -> str:
     peers = {(r["method"], r["pattern"]): r for r in results if r["tool"] == "llmcompressor"}
     lines = [
-        "| tool | method | pattern | forward dtype | perplexity | sparsity | prune s | vs llm-compressor time | peak RSS MiB | GFLOP/s (% fp32 peak) |",
+        "| tool | method | pattern | forward dtype | perplexity | sparsity | prune s | time vs llm-compressor "
+        "| peak RSS MiB | GFLOP/s (% of fp32 peak) |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
         f"| dense | - | - | float32 | {dense['perplexity']:.2f} | 0 | - | - | {dense['peak_rss_mb']:.0f} | - |",
     ]
     for r in results:
-        if r["tool"] == "dense":
-            continue
         peer = peers.get((r["method"], r["pattern"]))
         ratio = f"{r['prune_seconds'] / peer['prune_seconds']:.2f}x" if peer and r["tool"] != "llmcompressor" else "-"
         rate = f"{r['gflops_per_s']:.0f} ({100 * r['fraction_of_fp32_peak']:.0f}%)" if "gflops_per_s" in r else "-"
@@ -168,34 +192,87 @@ def fmt_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(results: list[dict], meta: dict) -> None:
+def fmt_pivot(results: list[dict], value: str, fmt: str) -> str:
+    """Methods as rows, patterns as columns (the paper's Table 2 shape)."""
+    patterns = list(dict.fromkeys(r["pattern"] for r in results))
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    cell = {(r["method"], r["pattern"]): r[value] for r in results}
+    lines = ["| method | " + " | ".join(patterns) + " |", "|---|" + "---:|" * len(patterns)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(format(cell[(m, p)], fmt) if (m, p) in cell else "-" for p in patterns) + " |")
+    return "\n".join(lines)
+
+
+def plot_sparsity(results: list[dict], dense: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in results):
+        points = sorted((float(r["pattern"]), r["perplexity"]) for r in results
+                        if r["method"] == method and ":" not in r["pattern"])
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.axhline(dense["perplexity"], color="grey", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("unstructured sparsity")
+    ax.set_ylabel(f"perplexity ({dense['n_windows']} x {dense['seq_len']} held-out wiki tokens)")
+    ax.set_title("SmolLM2-135M, one-shot pruning")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def section(name: str, body: str) -> tuple[str, str]:
+    return name, f"<!-- {name}:begin -->\n{body}\n<!-- {name}:end -->\n"
+
+
+def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None:
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
-    (docs / "results_oneshot.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    section = (
-        "<!-- oneshot:begin -->\n## One-shot pruning of SmolLM2-135M\n\n"
+    (docs / f"results_{suite}.json").write_text(json.dumps({"meta": meta, "dense": dense, "results": results}, indent=2) + "\n")
+    setup = (
         f"Machine: {meta['machine']}, {THREADS} threads. Calibration: {N_CALIB} windows x {SEQ_LEN} tokens of the "
-        f"wiki train split (seed 0, fingerprint `{meta['calib_fingerprint']}`), the same windows for every tool. "
-        f"Perplexity: the first {meta['eval_windows']} held-out windows x {SEQ_LEN} tokens "
-        f"(fingerprint `{meta['eval_fingerprint']}`), float32. Each row is its own process; peak RSS is that "
-        "process's maximum resident memory up to the end of pruning (before evaluation). "
-        "GFLOP/s counts block forwards, Hessian products and SparseGPT updates over the pruning wall time.\n\n"
-        f"Command: `.venv/bin/python benchmarks/oneshot.py` ({meta['date']}).\n\n"
-        + fmt_table(results) + "\n<!-- oneshot:end -->\n"
+        f"wiki train split (seed 0, fingerprint `{meta['calib_fingerprint']}`) unless stated, the same windows for every "
+        f"tool. Perplexity: the first {meta['eval_windows']} held-out windows x {SEQ_LEN} tokens (fingerprint "
+        f"`{meta['eval_fingerprint']}`), float32; dense {dense['perplexity']:.2f}. Each row is its own process; peak RSS "
+        "is that process's maximum resident memory up to the end of pruning (before evaluation). "
+        f"Command: `.venv/bin/python benchmarks/oneshot.py --suite {suite}` ({meta['date']}).\n\n"
     )
+    if suite == "foundation":
+        body = ("## One-shot pruning of SmolLM2-135M: sparseforge vs llm-compressor\n\n" + setup
+                + "GFLOP/s counts block forwards, Hessian products and SparseGPT updates over the pruning wall time.\n\n"
+                + fmt_table(results, dense))
+    elif suite == "sparsellm":
+        plot_sparsity(results, dense, docs / "sparsellm_perplexity.png")
+        body = ("## SparseLLM vs the layer-wise baselines (SmolLM2-135M)\n\n" + setup
+                + "Perplexity (lower is better):\n\n" + fmt_pivot(results, "perplexity", ".2f")
+                + "\n\nPruning seconds:\n\n" + fmt_pivot(results, "prune_seconds", ".0f")
+                + "\n\nPeak RSS (MiB):\n\n" + fmt_pivot(results, "peak_rss_mb", ".0f")
+                + "\n\n![perplexity vs sparsity](sparsellm_perplexity.png)")
+    else:
+        rows = ["| calibration windows | " + " | ".join(dict.fromkeys(r["method"] for r in results)) + " |"]
+        rows.append("|---:|" + "---:|" * (len(rows[0].split("|")) - 3))
+        for n in sorted({r["n_calib"] for r in results}):
+            rows.append(f"| {n} | " + " | ".join(f"{r['perplexity']:.2f}" for r in results if r["n_calib"] == n) + " |")
+        body = ("## Perplexity vs calibration size at 70% (SmolLM2-135M)\n\n" + setup + "\n".join(rows))
     path = docs / "results.md"
     text = path.read_text() if path.exists() else "# Results\n\nEvery number here is produced by a script in `benchmarks/`.\n\n"
-    if "<!-- oneshot:begin -->" in text:
-        head, rest = text.split("<!-- oneshot:begin -->", 1)
-        text = head + section + rest.split("<!-- oneshot:end -->\n", 1)[1]
+    name, block = section(suite, body)
+    if f"<!-- {name}:begin -->" in text:
+        head, rest = text.split(f"<!-- {name}:begin -->", 1)
+        text = head + block + rest.split(f"<!-- {name}:end -->\n", 1)[1]
     else:
-        text += section
+        text += "\n" + block
     path.write_text(text)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", default=[], help="run only keys starting with this, e.g. sparsegpt:0.5")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="foundation")
+    parser.add_argument("--only", action="append", default=[], help="run only keys containing this, e.g. sparsegpt:0.5")
     parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs from a previous invocation")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -213,15 +290,12 @@ def main() -> int:
         run_child(me + ["--worker", "prepare"], WORK / "prepare.log")
     meta = json.loads((WORK / "prepare.json").read_text())
     peer_ok = PEER_PY.exists() and not args.no_peer
-    if not peer_ok and not args.no_peer:
+    if not peer_ok and not args.no_peer and args.suite == "foundation":
         print("llm-compressor venv missing: run `make bench-peer` to compare with it; skipping the peer", flush=True)
-    configs = [("dense", "-", "-", None)] + [
-        c for c in CONFIGS
-        if (c[0] != "llmcompressor" or peer_ok)
-        and (not args.only or any(f"{c[1]}:{c[2]}".startswith(o) or run_key(*c).startswith(o) for o in args.only))
-    ]
-    results = []
-    for config in configs:
+    configs = [c for c in SUITES[args.suite]
+               if (c[0] != "llmcompressor" or peer_ok) and (not args.only or any(o in run_key(*c) for o in args.only))]
+    results, dense = [], None
+    for config in [("dense", "-", "-", None, None)] + configs:
         key = run_key(*config)
         done = WORK / f"{key}.json"
         if not (args.reuse and done.exists()):
@@ -231,12 +305,16 @@ def main() -> int:
             run_child(me + ["--worker", "run", key], WORK / f"{key}.log")
             print(f"{key}: done in {time.perf_counter() - started:.0f}s", flush=True)
         r = json.loads(done.read_text())
-        print(f"  perplexity {r['perplexity']:.2f}  sparsity {r['sparsity']:.4f}  prune {r['prune_seconds']:.1f}s  "
+        print(f"  {key}: perplexity {r['perplexity']:.2f}  sparsity {r['sparsity']:.4f}  prune {r['prune_seconds']:.1f}s  "
               f"peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
-        results.append(r)
+        if config[0] == "dense":
+            dense = r
+        else:
+            results.append(r)
     meta.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))
-    write_docs(results, meta)
-    print(fmt_table(results))
+    if not args.only:
+        write_docs(args.suite, results, dense, meta)
+    print(fmt_table(results, dense))
     return 0
 
 

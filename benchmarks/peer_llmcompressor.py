@@ -30,8 +30,21 @@ What the run does:
 * saves the pruned model as a plain, uncompressed HF directory (dense
   safetensors with zeros, no compressed-tensors config) plus the input's
   tokenizer files, loadable by vanilla ``transformers``;
-* writes a JSON record with versions, timings (oneshot alone and total), peak
-  RSS and the achieved sparsity over the pruned Linear layers.
+* writes a JSON record with versions, timings and memory, and the achieved
+  sparsity over the pruned Linear layers.  ``oneshot_seconds`` covers the
+  ``oneshot`` call alone (tracing, calibration forwards, pruning);
+  ``total_seconds`` runs from interpreter start through imports, model load,
+  oneshot, saving and the check of the saved weights; ``peak_rss_mb`` is the
+  process's ru_maxrss right after oneshot (``peak_rss_mb_at_end`` after
+  saving).
+
+How llm-compressor prunes, for comparing results: unstructured SparseGPT
+picks its mask per block of ``block_size`` input columns over all rows at once
+(threshold at index ``int(rows * cols * sparsity)`` of the sorted scores,
+pruning scores ``<=`` it, so at least one weight per block over the target);
+unstructured Wanda prunes ``int(in_features * sparsity)`` weights in every
+output row; for N:M both pick the pruned weights per group of M consecutive
+input columns in every row.
 """
 
 from __future__ import annotations

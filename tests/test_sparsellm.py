@@ -4,7 +4,6 @@ objective never increases, and the result is never worse than SparseGPT."""
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import TINY_MODELS, VOCAB
 
 from sparseforge import prune
 from sparseforge.oneshot.sparsellm import (
@@ -17,6 +16,7 @@ from sparseforge.oneshot.sparsellm import (
     sparsellm_ffn,
 )
 from sparseforge.sparsity import Pattern, prune_count, satisfies
+from tiny import TINY_MODELS, VOCAB
 
 G = torch.Generator().manual_seed(0)
 

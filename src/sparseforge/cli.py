@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot prune a model on calibration text",
                        description="One-shot pruning, block by block. " + PATTERN_HELP)
     _add_model_args(p)
-    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt (default sparsegpt)")
+    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt | sparsellm (default sparsegpt)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", default=None, help="fraction of zeros per layer, in [0, 1) (default 0.5)")
     target.add_argument("--pattern", default=None, help=PATTERN_HELP)
@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the calibration forward passes (default: the model's)")
     p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
     p.add_argument("--block-size", type=int, default=128, help="SparseGPT column block size")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="SparseLLM weight of the output and pre-activation terms (default: 5 SiLU-gated, 0.1 ReLU, 1 GELU)")
+    p.add_argument("--beta", type=float, default=None, help="SparseLLM weight of the activation term (default = alpha)")
+    p.add_argument("--iterations", type=int, default=4, help="SparseLLM outer iterations; 0 = SparseGPT (default 4)")
     p.add_argument("--override", type=_override, action="append", default=[], metavar="GLOB=S",
                    help="per-layer pattern, e.g. 'model.layers.0.*=0.3' or '*.down_proj=2:4' (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers dense (repeatable)")
@@ -124,6 +128,7 @@ def cmd_prune(args) -> int:
         method=args.method, pattern=pattern, overrides=dict(args.override), skip=tuple(args.skip),
         block_fraction=args.block_fraction, propagate=args.propagate, batch_size=args.batch_size,
         compute_dtype=args.compute_dtype, dampening=args.dampening, block_size=args.block_size,
+        alpha=args.alpha, beta=args.beta, iterations=args.iterations,
     )
     if args.block_size < 1:
         raise ConfigError(f"--block-size {args.block_size} must be at least 1")
