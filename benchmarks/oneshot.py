@@ -38,7 +38,9 @@ SUITES = {
     # the foundation comparison: three baselines, float32 and bfloat16 forwards, and llm-compressor
     "foundation": [
         *_ours(("magnitude", "wanda", "sparsegpt"), ("0.5", "2:4", "0.7")),
-        *_ours(("wanda", "sparsegpt"), ("0.5", "2:4", "0.7"), "bfloat16"),
+        *_ours(("sparsegpt",), ("0.5", "2:4", "0.7"), "bfloat16"),
+        ("sparseforge", "wanda", "0.5", "bfloat16", None),
+        ("sparseforge", "sparsegpt", "0.5", "b4", None),  # memory-lean: micro-batches of 4 windows
         *[("llmcompressor", "sparsegpt", p, None, None) for p in ("0.5", "2:4", "0.7")],
         ("llmcompressor", "wanda", "0.5", None, None),
     ],
@@ -48,7 +50,7 @@ SUITES = {
         *_ours(("sparsellm",), ("0.5", "2:4", "0.7", "0.8", "0.9", "1:4")),
     ],
     # the paper's appendix: perplexity vs calibration windows
-    "calibration": [c for n in (8, 16, 32, 64) for c in _ours(("sparsegpt", "sparsellm"), ("0.7",), None, n)],
+    "calibration": [c for n in (8, 16, None, 64) for c in _ours(("sparsegpt", "sparsellm"), ("0.7",), None, n)],
 }
 
 
@@ -57,6 +59,7 @@ def run_key(tool, method, pattern, dtype=None, n=None):
 
 
 def parse_key(key):
+    """The fourth field is a forward dtype, or "bK" for micro-batches of K windows (two passes)."""
     tool, method, pattern, *rest = key.split(":")
     dtype = next((r for r in rest if not r.startswith("n")), None)
     n = next((int(r[1:]) for r in rest if r.startswith("n")), None)
@@ -126,20 +129,23 @@ def worker_run(out: Path, key: str) -> None:
 
     prep = json.loads((out / "prepare.json").read_text())
     tool, method, pattern, dtype, n_calib = parse_key(key)
+    batch_size = int(dtype[1:]) if dtype and dtype.startswith("b") else None
+    dtype = None if batch_size else dtype
     result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32",
-              "n_calib": n_calib or N_CALIB}
+              "n_calib": n_calib or N_CALIB, "batch_size": batch_size}
     if tool == "dense":
         model, _ = load_model(prep["model_dir"])
         result.update(sparsity=0.0, prune_seconds=0.0, peak_rss_mb=peak_rss_mb())
     elif tool == "sparseforge":
         model, _ = load_model(prep["model_dir"])
         calib = torch.load(out / ("calib.pt" if not n_calib else f"calib{n_calib}.pt"))
-        report = prune(model, method=method, pattern=pattern, calibration=calib, compute_dtype=dtype, progress=False)
+        report = prune(model, method=method, pattern=pattern, calibration=calib, compute_dtype=dtype,
+                       batch_size=batch_size, progress=False)
         result.update(sparsity=report.sparsity, prune_seconds=report.seconds, peak_rss_mb=peak_rss_mb())
         if report.details:
             result["ffn_logs"] = report.details
-        if method != "magnitude":
-            flops = forward_flops(model, N_CALIB * SEQ_LEN, SEQ_LEN, 1, method)
+        if method in ("wanda", "sparsegpt"):
+            flops = forward_flops(model, calib.numel(), SEQ_LEN, 2 if batch_size else 1, method)
             result.update(tflop=flops / 1e12, gflops_per_s=flops / 1e9 / report.seconds,
                           fraction_of_fp32_peak=flops / 1e9 / report.seconds / FP32_PEAK_GFLOPS)
     else:  # the peer's saved model, pruned in its own process
@@ -186,7 +192,8 @@ def fmt_table(results: list[dict], dense: dict) -> str:
         ratio = f"{r['prune_seconds'] / peer['prune_seconds']:.2f}x" if peer and r["tool"] != "llmcompressor" else "-"
         rate = f"{r['gflops_per_s']:.0f} ({100 * r['fraction_of_fp32_peak']:.0f}%)" if "gflops_per_s" in r else "-"
         lines.append(
-            f"| {r['tool']} | {r['method']} | {r['pattern']} | {r['compute_dtype']} | {r['perplexity']:.2f} | "
+            f"| {r['tool']} | {r['method']} | {r['pattern']} | {r['compute_dtype']}"
+            f"{' (two-pass, batch ' + str(r['batch_size']) + ')' if r.get('batch_size') else ''} | {r['perplexity']:.2f} | "
             f"{r['sparsity']:.4f} | {r['prune_seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | {rate} |"
         )
     return "\n".join(lines)

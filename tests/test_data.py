@@ -67,3 +67,14 @@ def test_saved_dataset_directory(tmp_path):
     ).save_to_disk(str(tmp_path / "ds"))
     assert load_documents(str(tmp_path / "ds"), "train") == ["a b", "c"]
     assert load_documents(str(tmp_path / "ds"), "eval") == ["held out"]
+
+
+def test_tokenising_in_pieces_equals_tokenising_at_once(smol_dir):
+    from transformers import AutoTokenizer
+
+    from sparseforge.data import DOC_SEPARATOR, DOCS_PER_CALL, tokenize_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    docs = wiki_documents("eval")[: 3 * DOCS_PER_CALL + 7]
+    whole = tokenizer(DOC_SEPARATOR.join(docs), add_special_tokens=False)["input_ids"]
+    assert tokenize_documents(tokenizer, docs).tolist() == whole

@@ -89,12 +89,25 @@ def load_documents(source: str, split: str = "train", text_field: str = "text") 
     return docs
 
 
+#: documents per tokenizer call: one call on megabytes of text costs far more memory than the ids
+DOCS_PER_CALL = 256
+
+
 def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
-    """Concatenate the documents and tokenise once, as a 1-D LongTensor."""
-    ids = tokenizer(DOC_SEPARATOR.join(docs), add_special_tokens=False, return_attention_mask=False, verbose=False)[
-        "input_ids"
-    ]
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids of the documents joined by a blank line, as a 1-D LongTensor.
+
+    Equal to tokenising the joined text at once (tested): the text is cut only just
+    before a separator, and pre-tokenisers never merge a word with the newlines after
+    it. Cutting keeps the tokenizer's working memory small.
+    """
+    pieces = []
+    for start in range(0, len(docs), DOCS_PER_CALL):
+        text = DOC_SEPARATOR.join(docs[start : start + DOCS_PER_CALL])
+        if start:
+            text = DOC_SEPARATOR + text
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+    return torch.cat(pieces)
 
 
 def _check_length(tokens: torch.Tensor, seq_len: int, source: str) -> None:

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ModelError
+from ..measure import release_free_memory
 from ..models import get_adapter, get_weight, in_features, set_weight
 from ..sparsity.masks import sparsity_of
 from ..sparsity.pattern import Pattern
@@ -371,6 +372,7 @@ def prune_model(
                 raise ConfigError(f"method '{method.name}' needs calibration data")
             batch_size = config.batch_size or n_windows
             batches = list(torch.split(calibration, batch_size))
+            release_free_memory()
             hidden, calls = capture_block_inputs(model, blocks[0], batches)
             bar = tqdm(range(last_block + 1), desc=f"{method.name} {config.pattern}", disable=not progress)
             for index in bar:
@@ -380,6 +382,7 @@ def prune_model(
                 )
                 results += block_results
                 details.update(block_details)
+                release_free_memory()
                 log.info(
                     "block %d/%d: %d layers pruned in %.2fs",
                     index + 1, last_block + 1, len(block_results), time.perf_counter() - t0,

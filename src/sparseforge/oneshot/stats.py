@@ -7,7 +7,7 @@ import torch
 from ..errors import NumericalError
 
 
-def accumulate_gram(gram: torch.Tensor, x: torch.Tensor, min_width: int = 1024, pieces: int = 2) -> None:
+def accumulate_gram(gram: torch.Tensor, x: torch.Tensor, min_width: int = 1 << 30, pieces: int = 2) -> None:
     """gram += xᵀx. Wide inputs compute only the upper block triangle and mirror it
     (3 of 4 block products for 2 pieces), a symmetric rank-k update torch lacks."""
     width = x.shape[1]
