@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -60,7 +61,9 @@ def run_key(tool, method, pattern, dtype=None, n=None):
 
 def parse_key(key):
     """The fourth field is a forward dtype, or "bK" for micro-batches of K windows (two passes)."""
-    tool, method, pattern, *rest = key.split(":")
+    match = re.match(r"^([\w-]+):([\w-]+):(\d+:\d+|[\d.]+|-)(?::(.*))?$", key)
+    tool, method, pattern, tail = match.groups()
+    rest = tail.split(":") if tail else []
     dtype = next((r for r in rest if not r.startswith("n")), None)
     n = next((int(r[1:]) for r in rest if r.startswith("n")), None)
     return tool, method, pattern, dtype, n

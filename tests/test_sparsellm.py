@@ -60,6 +60,14 @@ def test_scalar_solve_no_grid_point_is_lower(activation):
     assert (cost(t) <= best + 1e-7 * (1 + best)).all(), float((cost(t) - best).max())
 
 
+def test_compiled_solve_equals_eager(monkeypatch):
+    a, z, m = (torch.randn(4096, generator=G) for _ in range(3))
+    eager = scalar_activation_solve("silu", a, z, m, 5.0, 5.0, start=m)
+    monkeypatch.setenv("SPARSEFORGE_COMPILE", "1")
+    compiled = scalar_activation_solve("silu", a, z, m, 5.0, 5.0, start=m)
+    assert torch.allclose(compiled, eager, atol=1e-5)
+
+
 def test_scalar_solve_never_worse_than_its_start():
     a, z, m = rand(500), rand(500), rand(500)
     start = rand(500)

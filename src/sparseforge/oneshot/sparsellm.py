@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -91,42 +92,54 @@ def scalar_activation_solve(
     the cost at m). φ is monotone on either side of its minimum, so the cost has at
     most one basin per side: the solve samples m, ``start``, a grid over
     [m − r, m + r] and fixed knots where φ bends, then refines the best sample on
-    each side by safeguarded Newton (a gradient step where the curvature is not
-    positive, halved until the cost drops) and keeps the better. The cost never
-    rises above the best sample (so never above ``start``). Tolerance: Newton
-    stops once |step| < 1e-6·(1 + |t|) everywhere, or after ``iterations`` steps.
+    each side by ``iterations`` safeguarded Newton steps (a gradient step where the
+    curvature is not positive; each step tried at full, half and quarter length,
+    kept only if the cost drops) and keeps the better side. The cost never rises
+    above the best sample, so never above ``start``. At the default 8 steps the
+    stationarity residual |f'(t)| is below 1e-4·(1 + f(t)) on the tests' problems.
+
+    The arithmetic is branch-free so that ``torch.compile`` fuses it into one loop
+    over the elements (tens of times faster on CPU than one pass per operation);
+    set SPARSEFORGE_COMPILE=0 to run it eagerly.
     """
+    c = torch.as_tensor(c, dtype=a.dtype).expand_as(a)
+    start = m if start is None else start
+    return _solver()(a, c, m, start, float(alpha), float(beta), activation, iterations, grid)
+
+
+def _scalar_solve_core(a, c, m, start, alpha: float, beta: float, activation: str, iterations: int, grid: int):
     derivatives = ACTIVATIONS_1D[activation]
-    c = torch.as_tensor(c, dtype=a.dtype)
 
     def cost(t):
         return beta * (a - c * derivatives(t)[0]).square() + alpha * (t - m).square()
 
     radius = math.sqrt(beta / alpha) * (a - c * derivatives(m)[0]).abs()
     lo, hi = m - radius, m + radius
-    candidates = [m] + ([start] if start is not None else [])
-    candidates += [m + radius * (2 * k / (grid - 1) - 1) for k in range(grid)] if grid > 1 else []
-    # the activation bends only near the origin: fixed points there catch basins that a
-    # grid over a wide bracket steps over
-    candidates += [torch.clamp(torch.full_like(m, p), lo, hi) for p in _KNOTS] if grid > 1 else []
-    # φ is monotone on each side of its minimum, so f has at most one basin per side:
-    # refine the best sampled point of each side, keep the better result
+    candidates = [m, start]
+    if grid > 1:
+        candidates += [m + radius * (2 * k / (grid - 1) - 1) for k in range(grid)]
+        # the activation bends only near the origin: fixed points there catch basins
+        # that a grid over a wide bracket steps over
+        candidates += [torch.clamp(torch.full_like(m, p), lo, hi) for p in _KNOTS]
     turn = _TURNING_POINT[activation]
-    results = []
-    for side in (lambda t: t >= turn, lambda t: t < turn):
-        best_t, best_f = m.clone(), torch.full_like(m, float("inf"))
-        for t in candidates:
-            f = torch.where(side(t), cost(t), torch.full_like(t, float("inf")))
-            better = f < best_f
-            best_t, best_f = torch.where(better, t, best_t), torch.where(better, f, best_f)
-        results.append(_newton_1d(derivatives, cost, a, c, m, alpha, beta, best_t, best_f, lo, hi, iterations))
-    (t1, f1), (t2, f2) = results
+    inf = torch.full_like(m, float("inf"))
+    best = {True: (m, inf), False: (m, inf)}  # per side of the turning point: (t, cost)
+    for t in candidates:
+        f = cost(t)
+        right = t >= turn
+        for side, on_side in ((True, right), (False, ~right)):
+            best_t, best_f = best[side]
+            better = on_side & (f < best_f)
+            best[side] = (torch.where(better, t, best_t), torch.where(better, f, best_f))
+    sides = [_newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations) for t, f in best.values()]
+    (t1, f1), (t2, f2) = sides
     return torch.where(f1 <= f2, t1, t2)
 
 
 def _newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations):
     """Safeguarded Newton on β(a − c·φ(t))² + α(t − m)² from (t, f = cost(t)); f never rises.
     Entries with f = inf (no start on this side) stay where they are."""
+    finite = torch.isfinite(f)
     for _ in range(iterations):
         value, d1, d2 = derivatives(t)
         r = a - c * value
@@ -135,18 +148,37 @@ def _newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations
         # where the curvature is not positive, a step 1/L with a safe bound L
         bound = 2 * alpha + 2 * beta * c.square() * 1.3 + 2 * beta * (c * r).abs() * 0.6
         step = torch.where(curv > 0, grad / curv.clamp_min(1e-30), grad / bound)
-        step = torch.where(torch.isfinite(f), step, torch.zeros_like(step))
-        if bool((step.abs() < 1e-6 * (1 + t.abs())).all()):
-            break
-        for _halving in range(4):
-            trial = torch.clamp(t - step, lo, hi)
+        step = torch.where(finite, step, torch.zeros_like(step))
+        new_t, new_f = t, f
+        for fraction in (1.0, 0.5, 0.25):
+            trial = torch.clamp(t - fraction * step, lo, hi)
             f_trial = cost(trial)
-            better = f_trial < f
-            t, f = torch.where(better, trial, t), torch.where(better, f_trial, f)
-            step = torch.where(better, torch.zeros_like(step), step * 0.5)
-            if not bool((step != 0).any()):
-                break
+            better = f_trial < new_f
+            new_t, new_f = torch.where(better, trial, new_t), torch.where(better, f_trial, new_f)
+        t, f = new_t, new_f
     return t, f
+
+
+_COMPILED = {}
+
+
+def _solver():
+    """The compiled element-wise solve, or the eager one where compiling is off or fails."""
+    if os.environ.get("SPARSEFORGE_COMPILE", "1") == "0":
+        return _scalar_solve_core
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_scalar_solve_core, dynamic=True)
+    fn = _COMPILED["fn"]
+
+    def run(*args):
+        try:
+            return fn(*args)
+        except Exception as e:  # a missing compiler must not stop a pruning run
+            log.warning("torch.compile of the element-wise solve failed (%s); running it eagerly", e)
+            _COMPILED["fn"] = _scalar_solve_core
+            return _scalar_solve_core(*args)
+
+    return run
 
 
 def _chunked(fn, *tensors, **kwargs):

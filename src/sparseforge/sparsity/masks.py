@@ -48,10 +48,23 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
         return smallest_k_mask(scores, prune_count(scores.numel(), sparsity))
     rows, cols = scores.shape
     bounds = torch.tensor([prune_count(r * cols, sparsity) for r in range(rows + 1)])
-    per_row_count = bounds[1:] - bounds[:-1]
-    order = scores.argsort(dim=1, stable=True)
-    ranked_pruned = torch.arange(cols)[None, :] < per_row_count[:, None]
-    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, order, ranked_pruned)
+    counts = bounds[1:] - bounds[:-1]  # k or k + 1 per row
+    k = int(counts.min())
+    if int(counts.max()) == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool)
+    if k >= cols:
+        return torch.ones(scores.shape, dtype=torch.bool)
+    # per-row selection (kthvalue is linear in the row length; sorting is not)
+    thresholds = torch.kthvalue(scores, max(k, 1), dim=1).values
+    if int(counts.max()) > k:
+        upper = torch.kthvalue(scores, k + 1, dim=1).values
+        thresholds = torch.where(counts > k, upper, thresholds)
+    thresholds = thresholds[:, None]
+    mask = scores < thresholds
+    # ties at the threshold: the first ones by position, up to each row's count
+    ties = scores == thresholds
+    needed = (counts - mask.sum(dim=1))[:, None]
+    return mask | (ties & (ties.cumsum(dim=1) <= needed))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
