@@ -132,7 +132,7 @@ def worker_run(out: Path, key: str) -> None:
 
     prep = json.loads((out / "prepare.json").read_text())
     tool, method, pattern, dtype, n_calib = parse_key(key)
-    batch_size = int(dtype[1:]) if dtype and dtype.startswith("b") else None
+    batch_size = int(dtype[1:]) if dtype and re.fullmatch(r"b\d+", dtype) else None
     dtype = None if batch_size else dtype
     result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32",
               "n_calib": n_calib or N_CALIB, "batch_size": batch_size}
