@@ -102,3 +102,18 @@ def test_prune_eval_info_end_to_end(capsys, tiny_dir, tmp_path):
     info = json.loads((tmp_path / "info.json").read_text())
     assert all(layer["pattern"] == "2:4" for layer in info["layers"])
     assert_error(capsys, ["info", str(tmp_path / "missing")], "not found")
+
+
+def test_hub_id_missing_from_cache(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert_error(capsys, ["eval", "--model", "some-org/not-cached-model"], "not in the local Hugging Face cache")
+
+
+def test_gguf_file_is_a_model_source(capsys, smol_dir):
+    from sparseforge.assets import embedded_model_gguf
+
+    code, stdout, err = run(capsys, "eval", "--model", str(embedded_model_gguf()), "--seq-len", "32",
+                            "--eval-windows", "1")
+    assert code == 0, err
+    assert json.loads(stdout.splitlines()[-1])["n_windows"] == 1
