@@ -272,11 +272,6 @@ class SparseLLMResult:
     best_iteration: int
 
 
-def _quadratic_error(target_sq: float, cross: torch.Tensor, gram: torch.Tensor, weight: torch.Tensor) -> float:
-    """‖T − U Wᵀ‖² from ‖T‖², Tᵀ U and Uᵀ U, without touching the N tokens again."""
-    return target_sq - 2 * float((cross * weight).sum()) + float(((weight @ gram) * weight).sum())
-
-
 def sparsellm_ffn(
     problem: FFNProblem,
     patterns: dict[str, Pattern],
@@ -290,9 +285,8 @@ def sparsellm_ffn(
 ) -> SparseLLMResult:
     """Prune the FFN's linear layers jointly; see the module docstring.
 
-    Quadratic terms are evaluated from Gram matrices that the next weight step
-    needs anyway (XᵀX, aᵀa, targetᵀ·input), so checking the objective costs no
-    extra pass over the calibration tokens.
+    The pruned gate/up outputs on X are computed once per accepted weight and
+    reused by the acceptance test, the output error and the variable updates.
     """
     if alpha <= 0 or beta <= 0:
         raise ValueError("alpha and beta must be positive")
@@ -324,7 +318,6 @@ def sparsellm_ffn(
     a = act_input(var.get("gate"), var["up"])
     y = problem.linear(a if gated else problem.true_act(var["up"]), "down")
     y_c = centered(y, "down")
-    y_sq = float(y_c.square().sum())
     y_norm = max(float(y.square().sum()), 1e-30)
 
     # iteration 0: SparseGPT on the dense weights with the dense input Hessians
@@ -334,43 +327,43 @@ def sparsellm_ffn(
     pruned["down"] = prune(weights["down"], gram_a, "down")
 
     def caches():
-        """Gram and cross products of the current variables (reused by the next weight step)."""
-        targets = {n: centered(var[n], n) for n in inner_names}
-        return (
-            {n: float(t.square().sum()) for n, t in targets.items()},
-            {n: t.T @ x for n, t in targets.items()},
-            _gram(a),
-            y_c.T @ a,
-        )
+        """Cross products and Grams of the current variables, for the next weight step's targets."""
+        return {n: centered(var[n], n).T @ x for n in inner_names}, _gram(a), y_c.T @ a
 
-    def objective(cache):
-        t_sq, cross, g_a, cross_a = cache
-        total = alpha * _quadratic_error(y_sq, cross_a, g_a, pruned["down"])
-        total += sum(alpha * _quadratic_error(t_sq[n], cross[n], gram_x, pruned[n]) for n in inner_names)
-        return total + beta * float((a - act_input(var.get("gate"), var["up"])).square().sum())
+    def sq(t) -> float:
+        return float(t.square().sum(dtype=torch.float64))
+
+    # Every term is evaluated from residuals over the tokens, in a float64 sum: expanding
+    # ‖t − UWᵀ‖² through float32 Gram matrices cancels badly once the residual is small.
+    def objective(m):
+        total = alpha * sq(y_c - a @ pruned["down"].T)
+        total += sum(alpha * sq(var[n] - m[n]) for n in inner_names)
+        return total + beta * sq(a - act_input(var.get("gate"), var["up"]))
 
     def output_error(m):
         hidden = F.silu(m["gate"]) * m["up"] if gated else problem.true_act(m["up"])
         return float((problem.linear(hidden, "down", pruned["down"]) - y).square().sum()) / y_norm
 
-    cache = caches()
-    history = [objective(cache)]
-    errors = [output_error({n: problem.linear(x, n, pruned[n]) for n in inner_names})]
+    # m: outputs of the current pruned gate/up on X (kept up to date with the weights)
+    m = {n: problem.linear(x, n, pruned[n]) for n in inner_names}
+    history = [objective(m)]
+    errors = [output_error(m)]
     best = (errors[0], 0, {k: v.clone() for k, v in pruned.items()})
 
     for it in range(1, iterations + 1):
-        t_sq, cross, g_a, cross_a = cache
+        cross, g_a, cross_a = caches()
         # 1. weights: least-squares targets pruned by SparseGPT, kept only where their term drops
         for n in inner_names:
             candidate = prune(least_squares_target(cross[n], gram_x, 1e-6), gram_x, n)
-            if _quadratic_error(t_sq[n], cross[n], gram_x, candidate) < _quadratic_error(t_sq[n], cross[n], gram_x, pruned[n]):
-                pruned[n] = candidate
+            m_candidate = problem.linear(x, n, candidate)
+            if sq(var[n] - m_candidate) < sq(var[n] - m[n]):
+                pruned[n], m[n] = candidate, m_candidate
+            del m_candidate
         candidate = prune(least_squares_target(cross_a, g_a, 1e-6), g_a, "down")
-        if _quadratic_error(y_sq, cross_a, g_a, candidate) < _quadratic_error(y_sq, cross_a, g_a, pruned["down"]):
+        if sq(y_c - a @ candidate.T) < sq(y_c - a @ pruned["down"].T):
             pruned["down"] = candidate
-        del cache, t_sq, cross, g_a, cross_a
+        del cross, g_a, cross_a
 
-        m = {n: problem.linear(x, n, pruned[n]) for n in inner_names}
         err = output_error(m)
 
         # 2. a: ridge regression between the down projection and the activation
@@ -388,14 +381,11 @@ def sparsellm_ffn(
             var["up"] = check(_chunked(
                 lambda a_, m_, z_: scalar_activation_solve("gelu", a_, 1.0, m_, alpha, beta, z_),
                 a, m["up"], var["up"]), "up outputs z")
-        del m
 
-        cache = caches()
-        history.append(objective(cache))
+        history.append(objective(m))
         errors.append(err)
         log.debug("%s: iteration %d objective %.5g output error %.5g", layer, it, history[-1], err)
         if err < best[0]:
             best = (err, it, {k: v.clone() for k, v in pruned.items()})
-    # the weights of the last iteration were measured before its variable updates: errors[it]
-    # belongs to the weights chosen in iteration it
+    # errors[it] belongs to the weights chosen in iteration it (measured before its variable updates)
     return SparseLLMResult(best[2], history, errors, best[1])
