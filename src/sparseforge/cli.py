@@ -114,7 +114,7 @@ def _eval(model, tokenizer, args) -> dict:
 
 def cmd_prune(args) -> int:
     from .api import calibration_data, prune
-    from .export import save
+    from .export import check_output, save
     from .loading import load_model
     from .measure import peak_rss_mb
     from .oneshot.engine import OneShotConfig
@@ -133,11 +133,7 @@ def cmd_prune(args) -> int:
     if args.block_size < 1:
         raise ConfigError(f"--block-size {args.block_size} must be at least 1")
     if args.output:
-        from pathlib import Path
-
-        out = Path(args.output)
-        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-            raise ConfigError(f"output directory {out} exists and is not empty: choose another --output or pass --overwrite")
+        check_output(args.output, args.overwrite)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     calibration = None
     if get_method(args.method).stats_kind is not None:

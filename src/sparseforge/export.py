@@ -13,17 +13,23 @@ from .errors import ConfigError, ModelError
 METADATA_FILE = "sparseforge.json"
 
 
+def check_output(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early, before any slow work, if ``output_dir`` cannot be written as asked."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is a file: choose a directory path for --output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out} exists and is not empty: choose another --output or pass --overwrite")
+    return out
+
+
 def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (zeros in its weights), its tokenizer and ``metadata`` to ``output_dir``.
 
     Everything is written to a temporary sibling directory first and renamed into
     place at the end, so an interrupted run leaves no half-written output.
     """
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is a file: choose a directory path for --output")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} exists and is not empty: choose another --output or pass --overwrite")
+    out = check_output(output_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

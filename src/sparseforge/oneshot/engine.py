@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ModelError
+from ..loading import DTYPES
 from ..measure import release_free_memory
 from ..models import get_adapter, get_weight, in_features, set_weight
 from ..sparsity.masks import sparsity_of
@@ -36,7 +37,6 @@ from .stats import InputStats
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -278,8 +278,6 @@ class _FFNPruner:
     """Prunes a block's whole FFN jointly (SparseLLM) from the FFN's calibration inputs."""
 
     def __init__(self, adapter, block, layers, modules, originals, config, block_name):
-        from ..errors import ModelError as _ModelError
-
         spec = adapter.ffn
         self.roles = spec.linears  # role -> layer name
         self.names = list(self.roles.values())
@@ -288,7 +286,7 @@ class _FFNPruner:
         self.activation = spec.activation
         act = adapter.ffn_activation(block)
         if spec.activation == "relu" and not isinstance(act, nn.ReLU):
-            raise _ModelError(f"SparseLLM's ReLU closed form needs a ReLU FFN; {block_name} uses {act}: "
+            raise ModelError(f"SparseLLM's ReLU closed form needs a ReLU FFN; {block_name} uses {act}: "
                               "use --method sparsegpt")
         self.model_activation = act if spec.activation == "gelu" else None
         default = SPARSELLM_DEFAULTS[spec.activation]
