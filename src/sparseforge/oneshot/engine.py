@@ -262,8 +262,8 @@ SPARSELLM_DEFAULTS = {"relu": 0.1, "silu_gated": 5.0, "gelu": 1.0}
 class _InputCollector:
     """Keeps a layer's inputs (all calibration tokens), for solvers that need X itself."""
 
-    def __init__(self, layer: str):
-        self.layer, self.chunks = layer, []
+    def __init__(self):
+        self.chunks = []
 
     def add(self, inputs: torch.Tensor) -> None:
         self.chunks.append(inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32))
@@ -293,7 +293,7 @@ class _FFNPruner:
         self.alpha = config.alpha if config.alpha is not None else default
         self.beta = config.beta if config.beta is not None else default
         self.config = config
-        self.stats = _InputCollector(f"{block_name}.{self.names[0]}")
+        self.stats = _InputCollector()
         self.pruned = None
         self.log = None
 

@@ -7,23 +7,6 @@ import torch
 from ..errors import NumericalError
 
 
-def accumulate_gram(gram: torch.Tensor, x: torch.Tensor, min_width: int = 1 << 30, pieces: int = 2) -> None:
-    """gram += xᵀx. Wide inputs compute only the upper block triangle and mirror it
-    (3 of 4 block products for 2 pieces), a symmetric rank-k update torch lacks."""
-    width = x.shape[1]
-    if width < min_width or width % pieces:
-        gram.addmm_(x.T, x)
-        return
-    step = width // pieces
-    for i in range(0, width, step):
-        xi = x[:, i : i + step]
-        for j in range(i, width, step):
-            block = xi.T @ x[:, j : j + step]
-            gram[i : i + step, j : j + step] += block
-            if j != i:
-                gram[j : j + step, i : i + step] += block.T
-
-
 class InputStats:
     """Running sums over the tokens that enter one layer (or a group sharing one input).
 
@@ -44,7 +27,7 @@ class InputStats:
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
         if self._xtx is not None:
-            accumulate_gram(self._xtx, x)
+            self._xtx.addmm_(x.T, x)
             summary = self._xtx.diagonal()
         else:
             self._sq.add_(x.square().sum(dim=0))
