@@ -30,43 +30,47 @@ PEER_PY = ROOT / "benchmarks" / ".venv-peer" / "bin" / "python"
 N_CALIB, SEQ_LEN, EVAL_WINDOWS, THREADS = 32, 512, 40, 2
 FP32_PEAK_GFLOPS = 170.0  # measured on this machine class, 2 threads
 
-def _ours(methods, patterns, dtype=None, n=None):
-    return [("sparseforge", m, p, dtype, n) for p in patterns for m in methods]
+def _ours(methods, patterns, dtype=None, n=None, fraction=None):
+    return [("sparseforge", m, p, dtype, n, fraction) for p in patterns for m in methods]
 
 
-# (tool, method, pattern, forward dtype or None, calibration windows or None = 32)
+#: the SparseLLM paper's protocol (Tables 1-2): only the first half of the decoder blocks is pruned
+HALF = 0.5
+TABLE2_PATTERNS = ("0.5", "2:4", "0.7", "0.8", "0.9", "1:4")
+
+# (tool, method, pattern, forward dtype or None, calibration windows or None = 32, block fraction or None = 1)
 SUITES = {
     # the foundation comparison: three baselines, float32 and bfloat16 forwards, and llm-compressor
     "foundation": [
         *_ours(("magnitude", "wanda", "sparsegpt"), ("0.5", "2:4", "0.7")),
         *_ours(("sparsegpt",), ("0.5", "2:4", "0.7"), "bfloat16"),
-        ("sparseforge", "wanda", "0.5", "bfloat16", None),
-        ("sparseforge", "sparsegpt", "0.5", "b4", None),  # memory-lean: micro-batches of 4 windows
-        *[("llmcompressor", "sparsegpt", p, None, None) for p in ("0.5", "2:4", "0.7")],
-        ("llmcompressor", "wanda", "0.5", None, None),
+        ("sparseforge", "wanda", "0.5", "bfloat16", None, None),
+        ("sparseforge", "sparsegpt", "0.5", "b4", None, None),  # memory-lean: micro-batches of 4 windows
+        *[("llmcompressor", "sparsegpt", p, None, None, None) for p in ("0.5", "2:4", "0.7")],
+        ("llmcompressor", "wanda", "0.5", None, None, None),
     ],
     # SparseLLM against the baselines, shaped like the paper's Table 2 (plus 50% and 2:4)
-    "sparsellm": [
-        *_ours(("magnitude", "wanda", "sparsegpt"), ("0.5", "2:4", "0.7", "0.8", "0.9", "1:4")),
-        *_ours(("sparsellm",), ("0.5", "2:4", "0.7", "0.8", "0.9", "1:4")),
-    ],
+    "sparsellm": _ours(("magnitude", "wanda", "sparsegpt", "sparsellm"), TABLE2_PATTERNS, fraction=HALF),
     # the paper's appendix: perplexity vs calibration windows
-    "calibration": [c for n in (8, 16, None, 64) for c in _ours(("sparsegpt", "sparsellm"), ("0.7",), None, n)],
+    "calibration": [c for n in (8, 16, None, 64) for c in _ours(("sparsegpt", "sparsellm"), ("0.7",), None, n, HALF)],
 }
 
 
-def run_key(tool, method, pattern, dtype=None, n=None):
-    return f"{tool}:{method}:{pattern}" + (f":{dtype}" if dtype else "") + (f":n{n}" if n else "")
+def run_key(tool, method, pattern, dtype=None, n=None, fraction=None):
+    return (f"{tool}:{method}:{pattern}" + (f":{dtype}" if dtype else "") + (f":n{n}" if n else "")
+            + (f":f{fraction}" if fraction else ""))
 
 
 def parse_key(key):
-    """The fourth field is a forward dtype, or "bK" for micro-batches of K windows (two passes)."""
+    """Optional fields after the pattern: a forward dtype or "bK" (micro-batches of K windows,
+    two passes), "nN" (calibration windows), "fX" (fraction of the blocks pruned, from the first)."""
     match = re.match(r"^([\w-]+):([\w-]+):(\d+:\d+|[\d.]+|-)(?::(.*))?$", key)
     tool, method, pattern, tail = match.groups()
     rest = tail.split(":") if tail else []
-    dtype = next((r for r in rest if not r.startswith("n")), None)
     n = next((int(r[1:]) for r in rest if r.startswith("n")), None)
-    return tool, method, pattern, dtype, n
+    fraction = next((float(r[1:]) for r in rest if r.startswith("f")), None)
+    dtype = next((r for r in rest if not r.startswith(("n", "f"))), None)
+    return tool, method, pattern, dtype, n, fraction
 
 
 # ---------------------------------------------------------------- workers (run in child processes)
@@ -131,11 +135,11 @@ def worker_run(out: Path, key: str) -> None:
     from sparseforge.measure import peak_rss_mb
 
     prep = json.loads((out / "prepare.json").read_text())
-    tool, method, pattern, dtype, n_calib = parse_key(key)
+    tool, method, pattern, dtype, n_calib, fraction = parse_key(key)
     batch_size = int(dtype[1:]) if dtype and re.fullmatch(r"b\d+", dtype) else None
     dtype = None if batch_size else dtype
     result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32",
-              "n_calib": n_calib or N_CALIB, "batch_size": batch_size}
+              "n_calib": n_calib or N_CALIB, "batch_size": batch_size, "block_fraction": fraction or 1.0}
     if tool == "dense":
         model, _ = load_model(prep["model_dir"])
         result.update(sparsity=0.0, prune_seconds=0.0, peak_rss_mb=peak_rss_mb())
@@ -143,7 +147,7 @@ def worker_run(out: Path, key: str) -> None:
         model, _ = load_model(prep["model_dir"])
         calib = torch.load(out / ("calib.pt" if not n_calib else f"calib{n_calib}.pt"))
         report = prune(model, method=method, pattern=pattern, calibration=calib, compute_dtype=dtype,
-                       batch_size=batch_size, progress=False)
+                       batch_size=batch_size, block_fraction=fraction or 1.0, progress=False)
         result.update(sparsity=report.sparsity, prune_seconds=report.seconds, peak_rss_mb=peak_rss_mb())
         if report.details:
             result["ffn_logs"] = report.details
@@ -305,7 +309,7 @@ def main() -> int:
     configs = [c for c in SUITES[args.suite]
                if (c[0] != "llmcompressor" or peer_ok) and (not args.only or any(o in run_key(*c) for o in args.only))]
     results, dense = [], None
-    for config in [("dense", "-", "-", None, None)] + configs:
+    for config in [("dense", "-", "-")] + configs:
         key = run_key(*config)
         done = WORK / f"{key}.json"
         if not (args.reuse and done.exists()):

@@ -7,15 +7,15 @@ activation for ReLU/GELU FFNs), ``a`` down input. The objective (gated form) is
 
     α‖Y − a Wdᵀ − bd‖² + β‖a − SiLU(s)⊙z‖² + α‖z − X Wuᵀ − bu‖² + α‖s − X Wgᵀ − bg‖²
 
-and each iteration applies, in order, the weight step (targets from the
-auxiliary variables, pruned by SparseGPT on their own input Hessian), the
-ridge update of ``a``, the closed-form ``z`` update and the element-wise ``s``
-update. Each variable update is the exact minimiser of its sub-problem; a
-pruned weight is only accepted when it lowers its own term (SparseGPT is a
-heuristic on that term), so the objective never increases. The weights
-returned are those of the iterate with the lowest FFN output error on the
-calibration tokens, and iteration 0 is plain SparseGPT, so the result is never
-worse than SparseGPT on the data it was calibrated on.
+Iteration 0 prunes the dense weights with SparseGPT; each further iteration
+applies, in order, the ridge update of ``a``, the closed-form ``z`` update, the
+element-wise ``s`` update and the weight step (targets from the auxiliary
+variables, pruned by SparseGPT on their own input Hessian). Each variable
+update is the exact minimiser of its sub-problem; a pruned weight is only
+accepted when it lowers its own term (SparseGPT is a heuristic on that term),
+so the objective never increases. The weights returned are those of the
+iterate with the lowest FFN output error on the calibration tokens, so the
+result is never worse than SparseGPT on the data it was calibrated on.
 """
 
 from __future__ import annotations
@@ -83,20 +83,23 @@ def scalar_activation_solve(
     alpha: float,
     beta: float,
     start: torch.Tensor | None = None,
-    iterations: int = 8,
-    grid: int = 5,
+    iterations: int = 4,
+    grid: int = 3,
 ) -> torch.Tensor:
     """argmin_t β(a − c·φ(t))² + α(t − m)² per element, φ = SiLU or GELU (non-convex in t).
 
     Any minimiser lies within r = sqrt(β/α)·|a − c·φ(m)| of m (its cost is at most
-    the cost at m). φ is monotone on either side of its minimum, so the cost has at
-    most one basin per side: the solve samples m, ``start``, a grid over
-    [m − r, m + r] and fixed knots where φ bends, then refines the best sample on
-    each side by ``iterations`` safeguarded Newton steps (a gradient step where the
-    curvature is not positive; each step tried at full, half and quarter length,
-    kept only if the cost drops) and keeps the better side. The cost never rises
-    above the best sample, so never above ``start``. At the default 8 steps the
-    stationarity residual |f'(t)| is below 1e-4·(1 + f(t)) on the tests' problems.
+    the cost at m). The solve samples m, ``start``, a grid over [m − r, m + r] and
+    fixed knots where φ bends, then refines the best sample on each side of φ's
+    minimum by ``iterations`` safeguarded Newton steps that stay on that side
+    (trust radius a quarter of the side's range; each step tried at full, half and
+    quarter length, kept only if the cost drops) and keeps the better side. The
+    cost never rises above the best sample, so never above ``start``.
+
+    Accuracy (tests and a wider check): no point of a 200,001-point grid is lower,
+    to 1e-7 relative, on 20,000 random problems with β/α ≤ 5 (SiLU with random c,
+    GELU with c = 1). A side can hold two basins; at β/α = 20 about 1 GELU
+    problem in 4,000 ends in the shallower one (cost 0.06% above the minimum).
 
     The arithmetic is branch-free so that ``torch.compile`` fuses it into one loop
     over the elements (tens of times faster on CPU than one pass per operation);
@@ -131,8 +134,12 @@ def _scalar_solve_core(a, c, m, start, alpha: float, beta: float, activation: st
             best_t, best_f = best[side]
             better = on_side & (f < best_f)
             best[side] = (torch.where(better, t, best_t), torch.where(better, f, best_f))
-    sides = [_newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations) for t, f in best.values()]
-    (t1, f1), (t2, f2) = sides
+    # Newton stays on its own side: a step across the turning point could fall into the
+    # other side's basin, and that side's own best would be lost
+    (t1, f1), (t2, f2) = (
+        _newton_1d(derivatives, cost, a, c, m, alpha, beta, *best[True], torch.clamp(lo, min=turn), hi, iterations),
+        _newton_1d(derivatives, cost, a, c, m, alpha, beta, *best[False], lo, torch.clamp(hi, max=turn), iterations),
+    )
     return torch.where(f1 <= f2, t1, t2)
 
 
@@ -145,9 +152,12 @@ def _newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations
         r = a - c * value
         grad = -2 * beta * c * d1 * r + 2 * alpha * (t - m)
         curv = 2 * beta * (c * d1).square() - 2 * beta * c * d2 * r + 2 * alpha
-        # where the curvature is not positive, a step 1/L with a safe bound L
-        bound = 2 * alpha + 2 * beta * c.square() * 1.3 + 2 * beta * (c * r).abs() * 0.6
-        step = torch.where(curv > 0, grad / curv.clamp_min(1e-30), grad / bound)
+        # a trust region of a quarter of the range: where the curvature is small or not
+        # positive (a concave stretch between basins) Newton overshoots or points nowhere
+        # useful, and a step downhill by the trust radius is what makes progress
+        radius = 0.25 * (hi - lo)
+        newton = torch.where(curv > 0, grad / curv.clamp_min(1e-30), torch.sign(grad) * radius)
+        step = torch.maximum(torch.minimum(newton, radius), -radius)
         step = torch.where(finite, step, torch.zeros_like(step))
         new_t, new_f = t, f
         for fraction in (1.0, 0.5, 0.25):
@@ -285,8 +295,12 @@ def sparsellm_ffn(
 ) -> SparseLLMResult:
     """Prune the FFN's linear layers jointly; see the module docstring.
 
-    The pruned gate/up outputs on X are computed once per accepted weight and
-    reused by the acceptance test, the output error and the variable updates.
+    Iteration 0 is SparseGPT on the dense weights. Each further iteration
+    updates the auxiliary variables for the current pruned weights, then takes
+    a weight step. (The weight step on the dense variables, where the reference
+    code starts, only reproduces the dense weights' SparseGPT result.) The pruned
+    layers' outputs on X are computed once per accepted weight and reused by
+    the acceptance test, the objective and the output error.
     """
     if alpha <= 0 or beta <= 0:
         raise ValueError("alpha and beta must be positive")
@@ -312,64 +326,46 @@ def sparsellm_ffn(
     def act_input(s_, z_):
         return F.silu(s_) * z_ if gated else problem.act(z_)
 
+    # Every term is a sum of squared residuals over the tokens: float32 within a row,
+    # float64 across rows. (Expanding ‖t − UWᵀ‖² through float32 Gram matrices
+    # cancels badly once the residual is small.)
+    def sq(t) -> float:
+        return float(torch.linalg.vector_norm(t, dim=-1).to(torch.float64).square().sum())
+
     gram_x = check(_gram(x), "FFN inputs")
     # dense auxiliary variables; Y is the dense FFN's output
     var = {n: problem.linear(x, n) for n in inner_names}  # s (gate) and z (up)
     a = act_input(var.get("gate"), var["up"])
     y = problem.linear(a if gated else problem.true_act(var["up"]), "down")
     y_c = centered(y, "down")
-    y_norm = max(float(y.square().sum()), 1e-30)
+    y_norm = max(sq(y), 1e-30)
 
     # iteration 0: SparseGPT on the dense weights with the dense input Hessians
     weights = {k: v.to(torch.float32) for k, v in problem.weights.items()}
-    gram_a = _gram(a)
     pruned = {n: prune(weights[n], gram_x, n) for n in inner_names}
-    pruned["down"] = prune(weights["down"], gram_a, "down")
+    pruned["down"] = prune(weights["down"], _gram(a), "down")
 
-    def caches():
-        """Cross products and Grams of the current variables, for the next weight step's targets."""
-        return {n: centered(var[n], n).T @ x for n in inner_names}, _gram(a), y_c.T @ a
-
-    def sq(t) -> float:
-        return float(t.square().sum(dtype=torch.float64))
-
-    # Every term is evaluated from residuals over the tokens, in a float64 sum: expanding
-    # ‖t − UWᵀ‖² through float32 Gram matrices cancels badly once the residual is small.
-    def objective(m):
-        total = alpha * sq(y_c - a @ pruned["down"].T)
-        total += sum(alpha * sq(var[n] - m[n]) for n in inner_names)
-        return total + beta * sq(a - act_input(var.get("gate"), var["up"]))
-
-    def output_error(m):
-        hidden = F.silu(m["gate"]) * m["up"] if gated else problem.true_act(m["up"])
-        return float((problem.linear(hidden, "down", pruned["down"]) - y).square().sum()) / y_norm
-
-    # m: outputs of the current pruned gate/up on X (kept up to date with the weights)
+    # m: outputs of the pruned gate/up on X; terms: each weight's current term of the objective
     m = {n: problem.linear(x, n, pruned[n]) for n in inner_names}
-    history = [objective(m)]
-    errors = [output_error(m)]
+    terms = {n: sq(var[n] - m[n]) for n in inner_names}
+    terms["down"] = sq(y_c - a @ pruned["down"].T)
+
+    def output_error():
+        hidden = F.silu(m["gate"]) * m["up"] if gated else problem.true_act(m["up"])
+        return sq(problem.linear(hidden, "down", pruned["down"]) - y) / y_norm
+
+    def objective():
+        return alpha * sum(terms.values()) + beta * sq(a - act_input(var.get("gate"), var["up"]))
+
+    history = [objective()]
+    errors = [output_error()]
     best = (errors[0], 0, {k: v.clone() for k, v in pruned.items()})
 
     for it in range(1, iterations + 1):
-        cross, g_a, cross_a = caches()
-        # 1. weights: least-squares targets pruned by SparseGPT, kept only where their term drops
-        for n in inner_names:
-            candidate = prune(least_squares_target(cross[n], gram_x, 1e-6), gram_x, n)
-            m_candidate = problem.linear(x, n, candidate)
-            if sq(var[n] - m_candidate) < sq(var[n] - m[n]):
-                pruned[n], m[n] = candidate, m_candidate
-            del m_candidate
-        candidate = prune(least_squares_target(cross_a, g_a, 1e-6), g_a, "down")
-        if sq(y_c - a @ candidate.T) < sq(y_c - a @ pruned["down"].T):
-            pruned["down"] = candidate
-        del cross, g_a, cross_a
-
-        err = output_error(m)
-
-        # 2. a: ridge regression between the down projection and the activation
+        # 1. a: ridge regression between the down projection and the activation
         a = check(ridge_activation_update(y_c, pruned["down"], act_input(var.get("gate"), var["up"]), alpha, beta),
                   "activations a")
-        # 3./4. pre-activations: closed form for z, element-wise 1-D solves where non-convex
+        # 2./3. pre-activations: closed form for z, element-wise 1-D solves where non-convex
         if gated:
             var["up"] = check(gated_z_update(m["up"], F.silu(var["gate"]), a, alpha, beta), "up outputs z")
             var["gate"] = check(_chunked(
@@ -382,10 +378,28 @@ def sparsellm_ffn(
                 lambda a_, m_, z_: scalar_activation_solve("gelu", a_, 1.0, m_, alpha, beta, z_),
                 a, m["up"], var["up"]), "up outputs z")
 
-        history.append(objective(m))
-        errors.append(err)
-        log.debug("%s: iteration %d objective %.5g output error %.5g", layer, it, history[-1], err)
-        if err < best[0]:
-            best = (err, it, {k: v.clone() for k, v in pruned.items()})
-    # errors[it] belongs to the weights chosen in iteration it (measured before its variable updates)
+        # 4. weights: least-squares targets pruned by SparseGPT, kept only where their term drops
+        for n in inner_names:
+            candidate = prune(least_squares_target(centered(var[n], n).T @ x, gram_x, 1e-6), gram_x, n)
+            m_candidate = problem.linear(x, n, candidate)
+            term, term_candidate = sq(var[n] - m[n]), sq(var[n] - m_candidate)
+            if term_candidate < term:
+                pruned[n], m[n], terms[n] = candidate, m_candidate, term_candidate
+            else:
+                terms[n] = term
+            del m_candidate
+        g_a = _gram(a)
+        candidate = prune(least_squares_target(y_c.T @ a, g_a, 1e-6), g_a, "down")
+        del g_a
+        term, term_candidate = sq(y_c - a @ pruned["down"].T), sq(y_c - a @ candidate.T)
+        if term_candidate < term:
+            pruned["down"], terms["down"] = candidate, term_candidate
+        else:
+            terms["down"] = term
+
+        history.append(objective())
+        errors.append(output_error())
+        log.debug("%s: iteration %d objective %.5g output error %.5g", layer, it, history[-1], errors[-1])
+        if errors[-1] < best[0]:
+            best = (errors[-1], it, {k: v.clone() for k, v in pruned.items()})
     return SparseLLMResult(best[2], history, errors, best[1])
