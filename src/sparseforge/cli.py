@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, SparseforgeError
@@ -77,6 +78,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     _add_eval_args(p)
     p.add_argument("--output", default=None, help="directory for the pruned model (HF format + sparseforge.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
+
+    p = sub.add_parser("finetune", help="recover a pruned model by sparsity-preserving fine-tuning (SPP) or LoRA*",
+                       description="Fine-tune a (pruned) model with adapters, merge them, and check that the zero "
+                                   "pattern is unchanged. With --prune, prune first (one command: prune -> fine-tune "
+                                   "-> evaluate). Runs under `accelerate launch` for several devices.")
+    _add_model_args(p, "pruned model directory (default: embedded SmolLM2-135M, then give --prune)")
+    p.add_argument("--method", default="spp", help="spp | lora-star | lora (default spp)")
+    p.add_argument("--data", default="wiki",
+                   help="training text: wiki | FILE.txt | FILE.jsonl (text, or Alpaca instruction/input/output) | dataset dir")
+    p.add_argument("--eval-data", default="wiki", help="held-out text for the perplexity before and after")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 4e-3 SPP, 1e-3 LoRA)")
+    p.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay on matrices (default 1e-3)")
+    p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps (default 0.03)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--rank", type=int, default=None,
+                   help="SPP row blocks r (default 16) / LoRA rank (default: matched to SPP's parameter count)")
+    p.add_argument("--scale", type=float, default=1.0, help="SPP delta scale (default 1)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank, i.e. scale 1)")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated layer names in the blocks, e.g. 'q_proj,v_proj' (default: every linear)")
+    p.add_argument("--seed", type=int, default=0, help="seed of adapter init and batch order")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="autocast compute (bf16 on CPUs with AVX-512 BF16 / recent GPUs)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before and after only)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: never)")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUTPUT.checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--save-adapter", action="store_true", help="also save the adapter weights (adapter.safetensors)")
+    p.add_argument("--prune", default=None, metavar="METHOD",
+                   help="prune first with this one-shot method (wanda | sparsegpt | sparsellm | magnitude)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--sparsity", default=None, help="with --prune: fraction of zeros (default 0.5)")
+    target.add_argument("--pattern", default=None, help="with --prune: " + PATTERN_HELP)
+    p.add_argument("--n-calib", type=int, default=32, help="with --prune: calibration windows (default 32)")
+    _add_eval_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
+    p.add_argument("--output", default=None, help="directory for the merged model (HF format + sparseforge.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
 
@@ -170,6 +214,78 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .api import prune
+    from .export import check_output, read_metadata, save
+    from .loading import load_model
+    from .peft import AdapterConfig
+    from .recovery import finetune, save_adapter
+    from .sparsity.pattern import Pattern
+    from .train import TrainConfig
+
+    started = time.perf_counter()
+    if args.prune is None and (args.sparsity or args.pattern):
+        raise ConfigError("--sparsity/--pattern need --prune METHOD (or give an already pruned --model)")
+    pattern = Pattern.parse(args.pattern or args.sparsity or "0.5") if args.prune else None
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
+    checkpoint_dir = args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
+    train = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
+                 warmup=args.warmup, schedule=args.schedule, seed=args.seed, mixed_precision=args.mixed_precision,
+                 gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                 checkpoint_every=args.checkpoint_every, checkpoint_dir=checkpoint_dir)
+    if args.lr is not None:
+        train["lr"] = args.lr
+    TrainConfig(steps=args.steps, **train)  # validate before the slow steps
+    AdapterConfig(method=args.method, rank=args.rank)
+    if args.resume and not checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir or --output")
+    if args.output:
+        check_output(args.output, args.overwrite)
+    model_dir = Path(args.model) if args.model else None
+    previous = read_metadata(model_dir) if model_dir is not None and model_dir.is_dir() else {}
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    pruning = previous.get("pruning")
+    if args.prune:
+        report = prune(model, tokenizer, method=args.prune, pattern=str(pattern), n_calib=args.n_calib,
+                       seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
+        pruning = report.to_dict()
+        print(f"pruned with {args.prune} {pattern}: sparsity {report.sparsity:.4f} in {report.seconds:.1f}s")
+    result = finetune(model, tokenizer, method=args.method, data=args.data, steps=args.steps, seq_len=args.seq_len,
+                      text_field=args.text_field, rank=args.rank, scale=args.scale, lora_alpha=args.lora_alpha,
+                      targets=targets, eval_data=args.eval_data, eval_windows=args.eval_windows or None,
+                      evaluate=not args.no_eval, resume=args.resume, **train)
+    summary = result.to_dict()
+    results = {
+        "model": args.model or "embedded:SmolLM2-135M-Instruct",
+        "dtype": args.dtype,
+        "pruning": pruning,
+        "finetune": summary,
+        "metrics": {
+            "pruned": result.perplexity_before,
+            "finetuned": result.perplexity_after,
+            "pattern_identical": result.pattern["identical"],
+            "total_seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": result.peak_rss_mb,
+        },
+    }
+    t = result.trainable
+    print(f"method {args.method}  trainable {t['trainable']:,} ({t['per_mille']:.2f} per mille)  steps {args.steps}  "
+          f"median step {result.median_step_seconds:.3f}s  peak RSS {result.peak_rss_mb:.0f} MiB")
+    if result.perplexity_before and result.perplexity_after:
+        print(f"perplexity  before {result.perplexity_before['perplexity']:.3f}  "
+              f"after {result.perplexity_after['perplexity']:.3f}")
+    p = result.pattern
+    print(f"zero pattern {'identical' if p['identical'] else 'CHANGED'}: {p['zeros_before']:,} zeros before, "
+          f"{p['zeros_after']:,} after")
+    if args.output:
+        extra = {"adapter.safetensors": lambda path: save_adapter(result.adapter_weights, path)} \
+            if args.save_adapter else None
+        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite, extra_files=extra)
+        print(f"saved to {args.output}")
+    _write_json(args.json, results)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .loading import load_model
 
@@ -212,7 +328,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "eval": cmd_eval, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,13 +25,18 @@ SPLITS = ("train", "eval")
 DOC_SEPARATOR = "\n\n"
 
 
-def wiki_documents(split: str) -> list[str]:
-    """The embedded Wikipedia leads of one split (train: 9 of every 10 articles by title)."""
+def wiki_articles(split: str) -> list[tuple[str, str]]:
+    """(title, lead) of the embedded Wikipedia articles of one split (train: 9 of every 10 by title)."""
     articles = json.loads(wiki_summaries_json().read_text(encoding="utf-8"))
     ordered = sorted(articles.values(), key=lambda a: a["title"])
     held_out = split == "eval"
-    docs = [a.get("extract", "").strip() for i, a in enumerate(ordered) if (i % 10 == 9) == held_out]
-    return [d for d in docs if d]
+    chosen = [(a["title"], a.get("extract", "").strip()) for i, a in enumerate(ordered) if (i % 10 == 9) == held_out]
+    return [(title, text) for title, text in chosen if text]
+
+
+def wiki_documents(split: str) -> list[str]:
+    """The embedded Wikipedia leads of one split."""
+    return [text for _, text in wiki_articles(split)]
 
 
 def _jsonl_documents(path: Path, text_field: str) -> list[str]:

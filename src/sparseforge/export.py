@@ -23,8 +23,11 @@ def check_output(output_dir: str | os.PathLike, overwrite: bool = False) -> Path
     return out
 
 
-def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False) -> Path:
+def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False,
+         extra_files: dict | None = None) -> Path:
     """Write ``model`` (zeros in its weights), its tokenizer and ``metadata`` to ``output_dir``.
+
+    ``extra_files`` maps file names to functions that write that file, given its path.
 
     Everything is written to a temporary sibling directory first and renamed into
     place at the end, so an interrupted run leaves no half-written output.
@@ -37,6 +40,8 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2) + "\n")
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

@@ -36,7 +36,8 @@ class FFNSpec:
 
 
 def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    """A linear layer, or an adapter layer wrapping one (its ``base``)."""
+    return isinstance(getattr(module, "base", module), (nn.Linear, Conv1D))
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

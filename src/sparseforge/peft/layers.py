@@ -1,0 +1,221 @@
+"""Adapter layers around a frozen (sparse) linear layer: SPP and LoRA.
+
+The contract follows PEFT's tuner layers: an adapter wraps its base layer,
+adds a learnable delta in ``forward``, and can ``merge`` the delta into the
+base weight (``unmerge`` undoes it); ``delta_weight()`` is the dense delta.
+The base layer may be an ``nn.Linear`` or GPT-2's ``Conv1D``: its weight is
+read and written through the adapters' ``get_weight``/``set_weight`` (always
+out x in).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..models.base import get_weight, set_weight
+
+log = logging.getLogger(__name__)
+
+
+def rows_per_block(out_features: int, rank: int) -> tuple[int, int]:
+    """(blocks, rows per block) for SPP: the largest divisor of ``out_features`` that is <= ``rank``."""
+    blocks = max(d for d in range(1, min(rank, out_features) + 1) if out_features % d == 0)
+    return blocks, out_features // blocks
+
+
+class AdapterLinear(nn.Module):
+    """A frozen base layer plus a learnable delta; subclasses define the delta."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, out x in (a view for Conv1D)."""
+        return get_weight(self.base)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out if self.merged else out + self.adapter_forward(x)
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + delta, summed in at least float32 and stored in W's dtype."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.weight.to(dtype) + self.delta_weight().to(dtype)).to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Write the delta into the base weight. ``safe_merge`` checks it is finite first."""
+        if self.merged:
+            return
+        self._unmerged = self.weight.detach().clone()
+        new = self.merged_weight()
+        if safe_merge and not torch.isfinite(new).all():
+            raise ConfigError("merging the adapter gives non-finite weights: lower the learning rate")
+        set_weight(self.base, new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        set_weight(self.base, self._unmerged)
+        del self._unmerged
+        self.merged = False
+
+    def adapter_parameters(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
+
+
+def _spp_weight(weight, alpha, beta, scale: float, rows: int) -> torch.Tensor:
+    """W + scale·(A ⊙ β ⊙ W), A = α repeated over row blocks of ``rows`` rows."""
+    return weight + scale * alpha.repeat_interleave(rows, dim=0) * beta[:, None] * weight
+
+
+class _SPPTrainingLinear(torch.autograd.Function):
+    """``y = x W'ᵀ + b`` with W' = W + scale·(A ⊙ β ⊙ W), saving only x for backward.
+
+    One matmul forward, two backward (the input gradient and the out x in gradient
+    of W', reduced to α and β), like a dense linear layer. W' is rebuilt in backward
+    instead of kept, so the saved state per layer is the input alone (plain
+    autograd would keep W', the repeated A and their products: several out x in
+    tensors per layer; the block-wise form would keep r scaled copies of x).
+    Under autocast the matmuls run in the autocast dtype; α and β's gradients
+    are accumulated in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, alpha, beta, bias, scale, rows):
+        with torch.no_grad():
+            merged = _spp_weight(weight, alpha, beta, scale, rows)
+        device = x.device.type
+        ctx.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        ctx.scale, ctx.rows, ctx.has_bias = scale, rows, bias is not None
+        ctx.save_for_backward(x, weight, alpha, beta)
+        return F.linear(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, alpha, beta = ctx.saved_tensors
+        scale, rows = ctx.scale, ctx.rows
+        dtype = ctx.autocast_dtype or torch.promote_types(x.dtype, weight.dtype)
+        merged = _spp_weight(weight, alpha, beta, scale, rows)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ merged.to(dtype)).reshape(x.shape).to(x.dtype)
+        acc = torch.promote_types(alpha.dtype, torch.float32)  # at least float32 for the reductions
+        grad_merged = (g.T @ x2).to(acc)  # out x in
+        weighted = grad_merged * weight.to(acc) * scale
+        grad_alpha = (weighted * beta.to(acc)[:, None]).reshape(alpha.shape[0], rows, -1).sum(1)
+        grad_beta = (weighted * alpha.to(acc).repeat_interleave(rows, dim=0)).sum(1)
+        grad_bias = g.sum(0).to(grad_out.dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return grad_x, None, grad_alpha.to(alpha.dtype), grad_beta.to(beta.dtype), grad_bias, None, None
+
+
+class SPPLinear(AdapterLinear):
+    """SPP (paper 003, METHODS.md section 4): ``W' = W + scale·(A ⊙ β ⊙ W)``.
+
+    ``α`` (r x in) is repeated over the output rows in r contiguous blocks and
+    ``β`` (out) scales each row, so the delta is the base weight times a learned
+    factor: every zero of W stays zero, in training and after merging. When
+    ``out`` is not divisible by ``rank``, the largest divisor below it is used
+    (a warning says so): the blocks must tile the rows exactly.
+
+    Three forward forms, equal to rounding (tested):
+    - training (``forward`` with grad enabled): one matmul with W' and a custom
+      backward that saves only the input (see ``_SPPTrainingLinear``);
+    - ``blockwise_forward`` (METHODS.md's memory-lean form, used without grad):
+      ``x Wᵀ`` plus row block k of W applied to ``x ⊙ α_k``; no out x in
+      temporary, which suits inference with few tokens. Under autograd it
+      would keep r scaled copies of x per layer (measured: 20 GB peak for
+      SmolLM2-135M at 4 x 512 tokens), which is why training does not use it;
+    - ``naive_forward``: the full delta materialised, for the tests.
+    """
+
+    def __init__(self, base: nn.Module, rank: int = 16, scale: float = 1.0, seed: int | None = None):
+        super().__init__(base)
+        out_features, in_features = self.weight.shape
+        blocks, self.rows = rows_per_block(out_features, rank)
+        if blocks != rank:
+            log.warning("SPP: %d output rows are not divisible by rank %d; using %d blocks of %d rows",
+                        out_features, rank, blocks, self.rows)
+        self.rank, self.scale = blocks, scale
+        w = self.weight
+        self.alpha = nn.Parameter(torch.empty(blocks, in_features, dtype=w.dtype, device=w.device))
+        self.beta = nn.Parameter(torch.zeros(out_features, dtype=w.dtype, device=w.device))
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # Kaiming-uniform, as nn.Linear's default init (a = sqrt(5))
+            bound = 1.0 / math.sqrt(in_features)
+            self.alpha.copy_(torch.empty(blocks, in_features).uniform_(-bound, bound, generator=generator))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.alpha.repeat_interleave(self.rows, dim=0) * self.beta[:, None] * self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if torch.is_grad_enabled() and (self.alpha.requires_grad or self.beta.requires_grad):
+            bias = getattr(self.base, "bias", None)
+            return _SPPTrainingLinear.apply(x, self.weight, self.alpha, self.beta, bias, self.scale, self.rows)
+        return self.blockwise_forward(x)
+
+    def blockwise_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Wᵀ + b`` plus, per row block k, ``(x ⊙ α_k) W_kᵀ``, scaled by β (no out x in temporary)."""
+        w = self.weight
+        xw = x.to(w.dtype)
+        parts = [(xw * self.alpha[k]) @ w[k * self.rows:(k + 1) * self.rows].T for k in range(self.rank)]
+        return self.base(x) + self.scale * torch.cat(parts, dim=-1) * self.beta
+
+    def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (W + scale·A⊙β⊙W)ᵀ + b`` with the full delta materialised (tests compare against it)."""
+        out = self.base(x)
+        return out if self.merged else out + x.to(self.weight.dtype) @ self.delta_weight().T
+
+
+class LoRALinear(AdapterLinear):
+    """LoRA: ``W' = W + (alpha/r)·B A`` with A Kaiming-uniform and B zero. With
+    ``keep_mask`` (LoRA*, the SPP paper's baseline) merging re-applies the base
+    weight's zero pattern; without it the merge fills the zeros in."""
+
+    def __init__(self, base: nn.Module, rank: int = 8, lora_alpha: float | None = None, keep_mask: bool = True,
+                 seed: int | None = None):
+        super().__init__(base)
+        out_features, in_features = self.weight.shape
+        w = self.weight
+        self.rank = rank
+        self.scale = (lora_alpha if lora_alpha is not None else rank) / rank
+        self.keep_mask = keep_mask
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, dtype=w.dtype, device=w.device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=w.dtype, device=w.device))
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(in_features)
+            self.lora_a.copy_(torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.lora_b @ self.lora_a
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * ((x.to(self.lora_a.dtype) @ self.lora_a.T) @ self.lora_b.T)
+
+    def merged_weight(self) -> torch.Tensor:
+        merged = super().merged_weight()
+        return merged * (self.weight != 0) if self.keep_mask else merged

@@ -1,0 +1,307 @@
+"""One training loop for every method that trains: recovery adapters now, sparse training later.
+
+Built on Hugging Face Accelerate, so ``accelerate launch`` runs it under DDP,
+FSDP or DeepSpeed with no code change. Methods plug in through callbacks (a
+schedule, a sparsifier re-applying masks after each optimizer step, ...), not
+by subclassing. The loop is deterministic given the seed: batches are a pure
+function of (seed, step) and checkpoints hold the optimizer, scheduler, RNG
+and callback states, so a run killed and resumed ends with the same weights
+as one that was not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, NumericalError
+from .data import TrainExamples, batch_rows
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "linear", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``batch_size`` is per process and per micro-batch; the
+    examples per optimizer step are batch_size x grad_accum x processes."""
+
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: float = 0.03  # fraction of the steps
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # steps; 0 = never during training
+    eval_first_last: bool = True  # also evaluate before the first step and after the last
+    checkpoint_every: int = 0  # steps; 0 = never
+    checkpoint_dir: str | None = None
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate {self.lr} must be positive")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warm-up fraction {self.warmup} must be in [0, 1)")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule '{self.schedule}' unknown: choose from {', '.join(SCHEDULES)}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed precision '{self.mixed_precision}' unknown: choose from {', '.join(MIXED_PRECISION)}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ConfigError("checkpoint-every needs a checkpoint directory")
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warm-up, then cosine or linear decay to ``min_lr_ratio`` (or constant)."""
+    warmup = int(round(config.warmup * config.steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
+
+    return factor
+
+
+class Callback:
+    """Hooks into the loop. Override what you need; ``state_dict`` is checkpointed."""
+
+    def on_train_begin(self, trainer: Trainer) -> None: ...
+
+    def on_optimizer_step(self, trainer: Trainer) -> None:
+        """After every optimizer step (e.g. a sparsifier re-applies its masks here)."""
+
+    def on_step_end(self, trainer: Trainer, record: dict) -> None: ...
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)  # one record per optimizer step
+    evaluations: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+    def median_step_seconds(self) -> float:
+        times = sorted(r["seconds"] for r in self.history)
+        return times[len(times) // 2] if times else 0.0
+
+
+class _Checkpointable:
+    """The trainer's own counters and the callbacks' states, for accelerate's save/load_state."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self):
+        t = self.trainer
+        return {"step": t.step, "callbacks": [c.state_dict() for c in t.callbacks]}
+
+    def load_state_dict(self, state):
+        t = self.trainer
+        t.step = int(state["step"])
+        for callback, s in zip(t.callbacks, state["callbacks"]):
+            callback.load_state_dict(s)
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that require grad on ``examples``.
+
+    ``evaluate(model) -> dict`` (optional) runs before training, every
+    ``eval_every`` steps and at the end; its records go to the result.
+    """
+
+    def __init__(self, model, examples: TrainExamples, config: TrainConfig, evaluate=None, callbacks=(),
+                 progress: bool = True):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.examples = examples
+        self.callbacks = list(callbacks)
+        self.evaluate_fn = evaluate
+        self.progress = progress
+        self.step = 0
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the model has no trainable parameters: inject adapters or unfreeze some layers")
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # the schedule steps once per optimizer step on every process (not prepared: accelerate
+        # would step it once per process)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.accelerator.register_for_checkpointing(self.scheduler, _Checkpointable(self))
+        self.trainable = sum(p.numel() for p in params)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_path(self, step: int) -> Path:
+        return Path(self.config.checkpoint_dir) / f"step-{step:07d}"
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpoint_path(self.step)
+        tmp = path.with_name(path.name + ".tmp")
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.save_state(str(tmp))
+        if self.accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=2))
+            if path.exists():  # a rerun from an earlier checkpoint passes this step again
+                shutil.rmtree(path)
+            tmp.rename(path)  # a checkpoint exists only once complete
+            for old in sorted(Path(self.config.checkpoint_dir).glob("step-???????"))[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        log.info("checkpoint at step %d: %s", self.step, path)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.config.checkpoint_dir:
+            return None
+        found = sorted(Path(self.config.checkpoint_dir).glob("step-???????"))
+        return found[-1] if found else None
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"{path} is not a complete checkpoint: give a step-NNNNNNN directory")
+        self.accelerator.load_state(str(path))
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _evaluate(self, result: TrainResult) -> None:
+        if self.evaluate_fn is None:
+            return
+        self.model.eval()
+        with torch.no_grad():
+            metrics = {"step": self.step, **self.evaluate_fn(self.accelerator.unwrap_model(self.model))}
+        self.model.train()
+        result.evaluations.append(metrics)
+        for c in self.callbacks:
+            c.on_evaluate(self, metrics)
+        log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                     if isinstance(v, float)))
+
+    def _micro_batch(self, index: int) -> dict[str, torch.Tensor]:
+        acc = self.accelerator
+        global_index = index * acc.num_processes + acc.process_index  # each process its own rows
+        rows = batch_rows(len(self.examples), self.config.batch_size, global_index, self.config.seed)
+        return {k: v.to(acc.device) for k, v in self.examples.batch(rows).items()}
+
+    def train(self, resume: str | Path | bool | None = None) -> TrainResult:
+        """Run to ``config.steps``. ``resume``: True = the latest checkpoint if any, or a path."""
+        config, acc = self.config, self.accelerator
+        if resume:
+            path = self.latest_checkpoint() if resume is True else Path(resume)
+            if path is not None:
+                self.load_checkpoint(path)
+        result = TrainResult(steps=config.steps, resumed_from=self.step)
+        log_path = Path(config.checkpoint_dir) / "train_log.jsonl" if config.checkpoint_dir else None
+        for c in self.callbacks:
+            c.on_train_begin(self)
+        if self.step == 0 and config.eval_first_last:
+            self._evaluate(result)
+        if log_path is not None and acc.is_main_process and log_path.exists():
+            # a resumed run repeats the steps after its checkpoint: drop their old records
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            log_path.write_text("".join(line + "\n" for line in kept))
+        self.model.train()
+        started = time.perf_counter()
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not (self.progress and acc.is_main_process))
+        while self.step < config.steps:
+            t0 = time.perf_counter()
+            loss_sum, tokens = 0.0, 0
+            for j in range(config.grad_accum):
+                batch = self._micro_batch(self.step * config.grad_accum + j)
+                # all-reduce gradients only on the last micro-batch of a step
+                sync = j == config.grad_accum - 1
+                with acc.autocast(), (acc.no_sync(self.model) if not sync else nullcontext()):
+                    loss = self.model(**batch, use_cache=False).loss
+                    if not torch.isfinite(loss):
+                        raise NumericalError(f"training loss is not finite at step {self.step}: lower --lr")
+                    acc.backward(loss / config.grad_accum)
+                loss_sum += float(loss.detach()) / config.grad_accum
+                tokens += int((batch["labels"][:, 1:] != -100).sum())
+            if config.max_grad_norm:
+                grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                      config.max_grad_norm))
+            else:
+                grad_norm = float("nan")
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            for c in self.callbacks:
+                c.on_optimizer_step(self)
+            seconds = time.perf_counter() - t0
+            record = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                      "seconds": seconds, "tokens_per_s": tokens * acc.num_processes / seconds}
+            result.history.append(record)
+            for c in self.callbacks:
+                c.on_step_end(self, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if log_path is not None and acc.is_main_process:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if config.log_every and self.step % config.log_every == 0:
+                log.info("step %d/%d loss %.4f lr %.3g %.0f tok/s", self.step, config.steps, loss_sum, lr,
+                         record["tokens_per_s"])
+            if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
+                self._evaluate(result)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        result.seconds = time.perf_counter() - started
+        if config.eval_first_last:
+            self._evaluate(result)
+        for c in self.callbacks:
+            c.on_train_end(self)
+        return result
+
+    def unwrapped_model(self):
+        return self.accelerator.unwrap_model(self.model)

@@ -1,0 +1,180 @@
+"""The shared trainer: schedule, accumulation, callbacks, kill-and-resume determinism, data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparseforge.errors import ConfigError, NumericalError
+from sparseforge.peft import AdapterConfig, adapter_state_dict, inject_adapters
+from sparseforge.train import Callback, TrainConfig, Trainer, TrainExamples, write_wiki_instructions
+from sparseforge.train.data import IGNORE, batch_rows, instructions, language_modelling
+from sparseforge.train.trainer import lr_lambda
+from tiny import VOCAB, tiny_llama
+
+
+def lm_examples(n=12, seq_len=16, seed=3):
+    ids = torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+    return TrainExamples(ids, ids.clone(), torch.ones_like(ids), "language-modelling")
+
+
+def spp_model(seed=0):
+    torch.manual_seed(seed)
+    model = tiny_llama()
+    inject_adapters(model, AdapterConfig(method="spp", spp_rank=4, seed=seed))
+    return model
+
+
+class Counter(Callback):
+    """Counts optimizer steps; its count is part of the checkpoint."""
+
+    def __init__(self, stop_at=None):
+        self.count, self.stop_at = 0, stop_at
+
+    def on_optimizer_step(self, trainer):
+        self.count += 1
+        if trainer.step == self.stop_at:
+            raise KeyboardInterrupt  # a kill between checkpoints
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(steps=100, warmup=0.1, schedule="cosine", min_lr_ratio=0.1)
+    f = lr_lambda(config)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(100) == pytest.approx(0.1)
+    linear = lr_lambda(TrainConfig(steps=10, warmup=0.0, schedule="linear"))
+    assert [round(linear(s), 6) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    first = [batch_rows(10, 4, i, seed=1) for i in range(5)]
+    assert all(torch.equal(a, batch_rows(10, 4, i, seed=1)) for i, a in enumerate(first))
+    epoch0 = torch.cat(first)[:10]
+    assert sorted(epoch0.tolist()) == list(range(10))  # each row once per epoch
+    assert not torch.equal(torch.cat(first)[10:20], epoch0)  # a new order each epoch
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    results = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        model = spp_model()
+        trainer = Trainer(model, lm_examples(), TrainConfig(steps=2, batch_size=batch_size, grad_accum=accum, lr=1e-2,
+                                                            max_grad_norm=None), progress=False)
+        trainer.train()
+        results.append(adapter_state_dict(trainer.unwrapped_model()))
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_training_lowers_the_loss_and_calls_callbacks():
+    counter = Counter()
+    evaluations = []
+    model = spp_model()
+    trainer = Trainer(model, lm_examples(n=4), TrainConfig(steps=30, batch_size=4, lr=3e-2, warmup=0.0),
+                      evaluate=lambda m: {"calls": float(len(evaluations.append(1) or evaluations))},
+                      callbacks=[counter], progress=False)
+    result = trainer.train()
+    assert counter.count == 30 and len(result.history) == 30
+    assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.05
+    assert [e["step"] for e in result.evaluations] == [0, 30]
+    assert all(r["tokens"] == 4 * 15 and r["tokens_per_s"] > 0 for r in result.history)
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    def config(directory):
+        return TrainConfig(steps=7, batch_size=2, lr=1e-2, checkpoint_every=2, checkpoint_dir=str(directory),
+                           weight_decay=0.01, warmup=0.2)
+
+    straight = Trainer(spp_model(), lm_examples(), config(tmp_path / "a"), callbacks=[Counter()], progress=False)
+    straight.train()
+    expected = adapter_state_dict(straight.unwrapped_model())
+
+    killed = Trainer(spp_model(), lm_examples(), config(tmp_path / "b"), callbacks=[Counter(stop_at=5)], progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        killed.train()
+    assert sorted(p.name for p in (tmp_path / "b").glob("step-*")) == ["step-0000002", "step-0000004"]
+
+    counter = Counter()
+    resumed = Trainer(spp_model(seed=1), lm_examples(), config(tmp_path / "b"), callbacks=[counter], progress=False)
+    result = resumed.train(resume=True)
+    assert result.resumed_from == 4 and counter.count == 7  # the callback's state came back too
+    got = adapter_state_dict(resumed.unwrapped_model())
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 8))  # the repeated step 5 logged once
+
+
+def test_non_finite_loss_is_an_error():
+    model = spp_model()
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+        for p in model.parameters():
+            if p.requires_grad and p.ndim == 1:
+                p.fill_(1.0)
+    with pytest.raises(NumericalError, match="lower --lr"):
+        Trainer(model, lm_examples(), TrainConfig(steps=1), progress=False).train()
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="schedule"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ConfigError, match="checkpoint directory"):
+        TrainConfig(checkpoint_every=5)
+    with pytest.raises(ConfigError, match="no trainable"):
+        model = tiny_llama()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        Trainer(model, lm_examples(), TrainConfig(), progress=False)
+
+
+def test_instruction_rows_take_loss_on_the_response_only(tmp_path, tiny_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(
+        json.dumps({"instruction": "Name a colour.", "input": "", "output": "Blue."}) + "\n"
+        + json.dumps({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}) + "\n"
+    )
+    rows = instructions(tokenizer, path, seq_len=96)
+    assert len(rows) == 2 and rows.kind == "instructions"
+    for i, response in enumerate(["Blue.", "5"]):
+        labels = rows.labels[i]
+        kept = labels[labels != IGNORE]
+        assert tokenizer.decode(kept) == response + tokenizer.eos_token
+        first = int((labels != IGNORE).nonzero()[0])
+        assert "### Response:" in tokenizer.decode(rows.input_ids[i, :first])
+        assert rows.attention_mask[i].sum() == first + len(kept)
+    assert "### Input:\n2 and 3" in tokenizer.decode(rows.input_ids[1])
+
+
+def test_wiki_instructions_and_lm_windows(tmp_path, tiny_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    path = tmp_path / "wiki.jsonl"
+    count = write_wiki_instructions(path, limit=5)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert count == 5 == len(records)
+    assert records[0]["instruction"].startswith("Write the opening of the Wikipedia article on ")
+    assert len(records[0]["output"]) > 20
+    rows = instructions(tokenizer, path, seq_len=64)
+    assert len(rows) == 5 and (rows.labels != IGNORE).any(dim=1).all()
+    text = tmp_path / "t.txt"
+    text.write_text("word " * 400)
+    lm = language_modelling(tokenizer, str(text), seq_len=32)
+    assert lm.input_ids.shape[1] == 32 and torch.equal(lm.input_ids, lm.labels)
