@@ -74,7 +74,8 @@ def test_cli_chained_prune_then_lora_star(tmp_path, tiny_dir, text_file, capsys)
     out = tmp_path / "chain"
     assert main(["finetune", "--model", str(tiny_dir), "--prune", "sparsegpt", "--pattern", "2:4",
                  "--n-calib", "4", "--method", "lora-star", *TRAIN, "--data", str(text_file), "--output", str(out)]) == 0
-    assert "pruned with sparsegpt 2:4" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "pruned with sparsegpt 2:4" in out_text and "perplexity  dense" in out_text
     meta = json.loads((out / "sparseforge.json").read_text())
     assert meta["metrics"]["pattern_identical"] and meta["pruning"]["config"]["pattern"] == "2:4"
     assert main(["info", str(out)]) == 0

@@ -178,3 +178,28 @@ def test_wiki_instructions_and_lm_windows(tmp_path, tiny_dir):
     text.write_text("word " * 400)
     lm = language_modelling(tokenizer, str(text), seq_len=32)
     assert lm.input_ids.shape[1] == 32 and torch.equal(lm.input_ids, lm.labels)
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    results = []
+    for checkpointing in (False, True):
+        trainer = Trainer(spp_model(), lm_examples(), TrainConfig(steps=2, batch_size=4, lr=1e-2,
+                                                                  gradient_checkpointing=checkpointing), progress=False)
+        result = trainer.train()
+        results.append((result.history, adapter_state_dict(trainer.unwrapped_model())))
+    (h0, w0), (h1, w1) = results
+    assert [r["loss"] for r in h0] == pytest.approx([r["loss"] for r in h1], abs=1e-6)
+    for name in w0:
+        torch.testing.assert_close(w0[name], w1[name], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_mixed_precision_after_a_float32_run():
+    """Two runs with different precision in one process (Accelerate keeps one global state)."""
+    float32 = Trainer(spp_model(), lm_examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2), progress=False).train()
+    trainer = Trainer(spp_model(), lm_examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2, mixed_precision="bf16"),
+                      progress=False)
+    bf16 = trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert all(p.dtype == torch.float32 for p in trainer.unwrapped_model().parameters())  # master weights
+    losses32, losses16 = [r["loss"] for r in float32.history], [r["loss"] for r in bf16.history]
+    assert losses16 != losses32 and losses16 == pytest.approx(losses32, rel=0.02)

@@ -215,7 +215,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .api import prune
+    from .api import evaluate, prune
     from .export import check_output, read_metadata, save
     from .loading import load_model
     from .peft import AdapterConfig
@@ -245,7 +245,11 @@ def cmd_finetune(args) -> int:
     previous = read_metadata(model_dir) if model_dir is not None and model_dir.is_dir() else {}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     pruning = previous.get("pruning")
+    dense = None
     if args.prune:
+        if not args.no_eval:
+            dense = evaluate(model, tokenizer, data=args.eval_data, seq_len=args.seq_len,
+                             max_windows=args.eval_windows or None, text_field=args.text_field, progress=False)
         report = prune(model, tokenizer, method=args.prune, pattern=str(pattern), n_calib=args.n_calib,
                        seq_len=args.seq_len, seed=args.seed, text_field=args.text_field)
         pruning = report.to_dict()
@@ -261,6 +265,7 @@ def cmd_finetune(args) -> int:
         "pruning": pruning,
         "finetune": summary,
         "metrics": {
+            "dense": dense,
             "pruned": result.perplexity_before,
             "finetuned": result.perplexity_after,
             "pattern_identical": result.pattern["identical"],
@@ -272,8 +277,8 @@ def cmd_finetune(args) -> int:
     print(f"method {args.method}  trainable {t['trainable']:,} ({t['per_mille']:.2f} per mille)  steps {args.steps}  "
           f"median step {result.median_step_seconds:.3f}s  peak RSS {result.peak_rss_mb:.0f} MiB")
     if result.perplexity_before and result.perplexity_after:
-        print(f"perplexity  before {result.perplexity_before['perplexity']:.3f}  "
-              f"after {result.perplexity_after['perplexity']:.3f}")
+        print((f"perplexity  dense {dense['perplexity']:.3f}  " if dense else "perplexity  ")
+              + f"before {result.perplexity_before['perplexity']:.3f}  after {result.perplexity_after['perplexity']:.3f}")
     p = result.pattern
     print(f"zero pattern {'identical' if p['identical'] else 'CHANGED'}: {p['zeros_before']:,} zeros before, "
           f"{p['zeros_after']:,} after")

@@ -139,6 +139,18 @@ class _Checkpointable:
             callback.load_state_dict(s)
 
 
+def _allow_new_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one process-wide state and refuses a second Accelerator with another
+    mixed precision; in a single process (not under ``accelerate launch``) a new run may
+    choose its own, so the stale state is dropped (the process group, if any, is kept)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision", mixed_precision)) != mixed_precision \
+            and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+
+
 class Trainer:
     """Trains the parameters of ``model`` that require grad on ``examples``.
 
@@ -156,12 +168,17 @@ class Trainer:
         self.evaluate_fn = evaluate
         self.progress = progress
         self.step = 0
+        _allow_new_precision(config.mixed_precision)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ConfigError("the model has no trainable parameters: inject adapters or unfreeze some layers")
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
