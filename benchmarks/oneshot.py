@@ -19,16 +19,16 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "work"
+from common import ROOT, THREADS, WORK, run_child
+
 PEER_PY = ROOT / "benchmarks" / ".venv-peer" / "bin" / "python"
-N_CALIB, SEQ_LEN, EVAL_WINDOWS, THREADS = 32, 512, 40, 2
+N_CALIB, SEQ_LEN, EVAL_WINDOWS = 32, 512, 40
 FP32_PEAK_GFLOPS = 170.0  # measured on this machine class, 2 threads
+
 
 def _ours(methods, patterns, dtype=None, n=None, fraction=None):
     return [("sparseforge", m, p, dtype, n, fraction) for p in patterns for m in methods]
@@ -169,14 +169,6 @@ def worker_run(out: Path, key: str) -> None:
 
 # ---------------------------------------------------------------- driver
 
-def run_child(args: list[str], log: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
-    with open(log, "w") as f:
-        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(map(str, args))} failed; see {log}")
-
-
 def run_peer(key: str, method: str, pattern: str) -> None:
     target = ["--pattern", pattern] if ":" in pattern else ["--sparsity", pattern]
     prep = json.loads((WORK / "prepare.json").read_text())
@@ -262,8 +254,13 @@ def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None
     elif suite == "sparsellm":
         plot_sparsity(results, dense, docs / "sparsellm_perplexity.png")
         body = ("## SparseLLM vs the layer-wise baselines (SmolLM2-135M)\n\n" + setup
+                + "As in the paper's Tables 1-2, only the first half of the decoder blocks (15 of 30) is pruned, "
+                "for every method. SparseLLM: alpha = beta = 5, 4 iterations.\n\n"
                 + "Perplexity (lower is better):\n\n" + fmt_pivot(results, "perplexity", ".2f")
                 + "\n\nPruning seconds:\n\n" + fmt_pivot(results, "prune_seconds", ".0f")
+                + "\n\nSparseLLM's pruning time over SparseGPT's: " + ", ".join(
+                    f"{r['pattern']} {r['prune_seconds'] / g['prune_seconds']:.1f}x" for r in results for g in results
+                    if r["method"] == "sparsellm" and g["method"] == "sparsegpt" and r["pattern"] == g["pattern"])
                 + "\n\nPeak RSS (MiB):\n\n" + fmt_pivot(results, "peak_rss_mb", ".0f")
                 + "\n\n![perplexity vs sparsity](sparsellm_perplexity.png)")
     else:
@@ -271,7 +268,9 @@ def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None
         rows.append("|---:|" + "---:|" * (len(rows[0].split("|")) - 3))
         for n in sorted({r["n_calib"] for r in results}):
             rows.append(f"| {n} | " + " | ".join(f"{r['perplexity']:.2f}" for r in results if r["n_calib"] == n) + " |")
-        body = ("## Perplexity vs calibration size at 70% (SmolLM2-135M)\n\n" + setup + "\n".join(rows))
+        body = ("## Perplexity vs calibration size at 70% (SmolLM2-135M)\n\n" + setup
+                + "First half of the blocks pruned (the paper's protocol); calibration windows drawn with the same "
+                "seed from the train split.\n\n" + "\n".join(rows))
     path = docs / "results.md"
     text = path.read_text() if path.exists() else "# Results\n\nEvery number here is produced by a script in `benchmarks/`.\n\n"
     name, block = section(suite, body)

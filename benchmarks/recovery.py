@@ -19,14 +19,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / "work"
-THREADS = 2
+from common import ROOT, THREADS, WORK, run_child
+
 PRUNINGS = [(m, p) for m in ("wanda", "sparsegpt") for p in ("0.5", "2:4", "0.75", "2:8")]
 METHODS = ("spp", "lora-star")
 
@@ -71,14 +69,6 @@ def worker_finetune(method: str, pattern: str, ft: str, args) -> None:
     result.update(prune_method=method, pattern=pattern)
     result["perplexity"] = perplexity(model, torch.load(WORK / "eval.pt"), progress=False)
     (WORK / f"ft-{method}-{pattern}-{ft}.json").write_text(json.dumps(result, indent=2))
-
-
-def run_child(args: list[str], log: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
-    with open(log, "w") as f:
-        proc = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(map(str, args))} failed; see {log}")
 
 
 def recovered_fraction(dense: float, pruned: float, tuned: float) -> float:

@@ -39,19 +39,24 @@ def wiki_documents(split: str) -> list[str]:
     return [text for _, text in wiki_articles(split)]
 
 
-def _jsonl_documents(path: Path, text_field: str) -> list[str]:
-    docs = []
+def jsonl_records(path: str | Path):
+    """(line number, record) of every non-blank line of a JSONL file; a bad line is a DataError."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{number} is not valid JSON ({e.msg}): fix or remove that line") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{path}:{number} has no '{text_field}' field: pass --text-field NAME")
-            docs.append(str(record[text_field]))
+
+
+def _jsonl_documents(path: Path, text_field: str) -> list[str]:
+    docs = []
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(f"{path}:{number} has no '{text_field}' field: pass --text-field NAME")
+        docs.append(str(record[text_field]))
     return docs
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import eval_windows, load_documents, tokenize_documents, wiki_articles
+from ..data import eval_windows, jsonl_records, load_documents, tokenize_documents, wiki_articles
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -74,17 +74,10 @@ def is_instruction_file(source: str) -> bool:
 
 def read_instructions(path: str | Path) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number} is not valid JSON ({e.msg}): fix or remove that line") from None
-            if not isinstance(record, dict) or "instruction" not in record or "output" not in record:
-                raise DataError(f"{path}:{number} needs 'instruction' and 'output' fields (Alpaca format)")
-            records.append(record)
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or "instruction" not in record or "output" not in record:
+            raise DataError(f"{path}:{number} needs 'instruction' and 'output' fields (Alpaca format)")
+        records.append(record)
     if not records:
         raise DataError(f"{path} holds no instructions: give a non-empty Alpaca JSONL file")
     return records

@@ -1,0 +1,20 @@
+"""What the benchmark scripts share: where their work lives and how a child run is started."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / "work"
+THREADS = 2  # this machine's cores; every run, ours and the peer's, uses the same
+
+
+def run_child(args: list, log: Path) -> None:
+    """Run one configuration in its own process (its peak RSS is its own), output to ``log``."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") as f:
+        proc = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, args))} failed; see {log}")
