@@ -105,6 +105,11 @@ def test_cli_resume_continues_from_the_checkpoint(tmp_path, pruned_dir, text_fil
     (["--resume"], "--resume needs"),
     (["--targets", "nope_proj"], "not in the blocks"),
     (["--data", "/no/such/file.txt"], "not found"),
+    (["--scale", "0"], "scale 0.0"),
+    (["--lora-alpha", "-1", "--method", "lora-star"], "lora alpha"),
+    (["--weight-decay", "-1"], "weight decay"),
+    (["--mixed-precision", "fp16"], "bf16 on CPU"),
+    (["--prune", "wanda", "--targets", "nope_proj"], "not in the blocks"),
 ])
 def test_finetune_errors(capsys, pruned_dir, extra, fragment):
     assert main(["finetune", "--model", str(pruned_dir), "--seq-len", "32", "--no-eval", *extra]) == 2

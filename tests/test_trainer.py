@@ -36,8 +36,10 @@ class Counter(Callback):
 
     def on_optimizer_step(self, trainer):
         self.count += 1
+
+    def on_step_end(self, trainer, record):
         if trainer.step == self.stop_at:
-            raise KeyboardInterrupt  # a kill between checkpoints
+            raise KeyboardInterrupt  # a kill between checkpoints, after the step was logged
 
     def state_dict(self):
         return {"count": self.count}
@@ -109,11 +111,19 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     resumed = Trainer(spp_model(seed=1), lm_examples(), config(tmp_path / "b"), callbacks=[counter], progress=False)
     result = resumed.train(resume=True)
     assert result.resumed_from == 4 and counter.count == 7  # the callback's state came back too
+    assert [r["step"] for r in result.history] == list(range(1, 8))  # the earlier part from the log
     got = adapter_state_dict(resumed.unwrapped_model())
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 8))  # the repeated step 5 logged once
+    assert steps == list(range(1, 8))  # step 5, logged before the kill and redone, appears once
+
+    fresh = Trainer(spp_model(), lm_examples(), config(tmp_path / "b"), progress=False)
+    with pytest.raises(ConfigError, match="earlier run"):
+        fresh.train()  # a new run must not mix with these checkpoints
+    other = TrainConfig(steps=7, batch_size=4, lr=1e-2, checkpoint_every=2, checkpoint_dir=str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="batch_size"):
+        Trainer(spp_model(), lm_examples(), other, progress=False).train(resume=True)
 
 
 def test_non_finite_loss_is_an_error():
@@ -200,6 +210,43 @@ def test_bf16_mixed_precision_after_a_float32_run():
                       progress=False)
     bf16 = trainer.train()
     assert trainer.accelerator.mixed_precision == "bf16"
-    assert all(p.dtype == torch.float32 for p in trainer.unwrapped_model().parameters())  # master weights
     losses32, losses16 = [r["loss"] for r in float32.history], [r["loss"] for r in bf16.history]
     assert losses16 != losses32 and losses16 == pytest.approx(losses32, rel=0.02)
+
+
+def test_adapters_train_in_float32_on_a_bf16_model():
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.bfloat16)
+    inject_adapters(model, AdapterConfig(method="spp", spp_rank=4))
+    trainer = Trainer(model, lm_examples(), TrainConfig(steps=3, batch_size=4, lr=1e-2), progress=False)
+    result = trainer.train()
+    trained = {n: p for n, p in trainer.unwrapped_model().named_parameters() if p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in trained.items() if n.endswith("beta"))  # β moved
+
+
+def test_accumulation_weights_micro_batches_by_their_tokens():
+    """Rows with few loss tokens (short instruction responses) weigh as their tokens, not as a whole row."""
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[0, :12] = IGNORE  # row 0: 3 loss tokens after the shift; the others 15
+    labels[1, :2] = IGNORE
+    examples = TrainExamples(ids, labels, torch.ones_like(ids), "instructions")
+    results = []
+    for batch_size, accum in ((4, 1), (1, 4)):
+        trainer = Trainer(spp_model(), examples, TrainConfig(steps=1, batch_size=batch_size, grad_accum=accum, lr=1e-2,
+                                                             max_grad_norm=None, warmup=0.0), progress=False)
+        result = trainer.train()
+        results.append((result.history[0]["loss"], adapter_state_dict(trainer.unwrapped_model())))
+    (loss_a, w_a), (loss_b, w_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in w_a:
+        torch.testing.assert_close(w_a[name], w_b[name], atol=1e-6, rtol=1e-5)
+
+
+def test_fp16_on_cpu_and_negative_weight_decay_are_refused():
+    with pytest.raises(ConfigError, match="bf16 on CPU"):
+        TrainConfig(mixed_precision="fp16")
+    with pytest.raises(ConfigError, match="weight decay"):
+        TrainConfig(weight_decay=-0.1)

@@ -218,7 +218,7 @@ def cmd_finetune(args) -> int:
     from .api import evaluate, prune
     from .export import check_output, read_metadata, save
     from .loading import load_model
-    from .peft import AdapterConfig
+    from .peft import AdapterConfig, target_layers
     from .recovery import finetune, save_adapter
     from .sparsity.pattern import Pattern
     from .train import TrainConfig
@@ -236,7 +236,7 @@ def cmd_finetune(args) -> int:
     if args.lr is not None:
         train["lr"] = args.lr
     TrainConfig(steps=args.steps, **train)  # validate before the slow steps
-    AdapterConfig(method=args.method, rank=args.rank)
+    AdapterConfig(method=args.method, rank=args.rank, scale=args.scale, lora_alpha=args.lora_alpha)
     if args.resume and not checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir or --output")
     if args.output:
@@ -244,6 +244,7 @@ def cmd_finetune(args) -> int:
     model_dir = Path(args.model) if args.model else None
     previous = read_metadata(model_dir) if model_dir is not None and model_dir.is_dir() else {}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    target_layers(model, targets)  # a bad --targets fails before pruning
     pruning = previous.get("pruning")
     dense = None
     if args.prune:
@@ -258,6 +259,10 @@ def cmd_finetune(args) -> int:
                       text_field=args.text_field, rank=args.rank, scale=args.scale, lora_alpha=args.lora_alpha,
                       targets=targets, eval_data=args.eval_data, eval_windows=args.eval_windows or None,
                       evaluate=not args.no_eval, resume=args.resume, **train)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`: one process reports and saves
+        return 0
     summary = result.to_dict()
     results = {
         "model": args.model or "embedded:SmolLM2-135M-Instruct",

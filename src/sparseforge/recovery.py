@@ -107,7 +107,8 @@ def finetune(
     trainable = trainable_report(model)
     log.info("%s: %d trainable parameters (%.2f per mille of %d)", method, trainable["trainable"],
              trainable["per_mille"], trainable["model"])
-    trainer = Trainer(model, examples, config, evaluate=periodic_eval if windows is not None else None, progress=progress)
+    trainer = Trainer(model, examples, config, evaluate=periodic_eval if windows is not None else None, progress=progress,
+                      identity={"adapter": asdict(adapter_config), "train_fingerprint": fingerprint(examples.input_ids)})
     result = trainer.train(resume=resume)
     model = trainer.unwrapped_model()
     weights = adapter_state_dict(model)

@@ -103,7 +103,7 @@ class _SPPTrainingLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, alpha, beta, bias, scale, rows):
         with torch.no_grad():
-            merged = _spp_weight(weight, alpha, beta, scale, rows)
+            merged = _spp_weight(weight.to(alpha.dtype), alpha, beta, scale, rows).to(weight.dtype)
         device = x.device.type
         ctx.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         ctx.scale, ctx.rows, ctx.has_bias = scale, rows, bias is not None
@@ -115,7 +115,7 @@ class _SPPTrainingLinear(torch.autograd.Function):
         x, weight, alpha, beta = ctx.saved_tensors
         scale, rows = ctx.scale, ctx.rows
         dtype = ctx.autocast_dtype or torch.promote_types(x.dtype, weight.dtype)
-        merged = _spp_weight(weight, alpha, beta, scale, rows)
+        merged = _spp_weight(weight.to(alpha.dtype), alpha, beta, scale, rows)
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         grad_x = None
@@ -159,15 +159,17 @@ class SPPLinear(AdapterLinear):
                         out_features, rank, blocks, self.rows)
         self.rank, self.scale = blocks, scale
         w = self.weight
-        self.alpha = nn.Parameter(torch.empty(blocks, in_features, dtype=w.dtype, device=w.device))
-        self.beta = nn.Parameter(torch.zeros(out_features, dtype=w.dtype, device=w.device))
+        dtype = torch.promote_types(w.dtype, torch.float32)  # trained in float32 even on a bf16/fp16 base
+        self.alpha = nn.Parameter(torch.empty(blocks, in_features, dtype=dtype, device=w.device))
+        self.beta = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=w.device))
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         with torch.no_grad():  # Kaiming-uniform, as nn.Linear's default init (a = sqrt(5))
             bound = 1.0 / math.sqrt(in_features)
             self.alpha.copy_(torch.empty(blocks, in_features).uniform_(-bound, bound, generator=generator))
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.alpha.repeat_interleave(self.rows, dim=0) * self.beta[:, None] * self.weight
+        w = self.weight.to(self.alpha.dtype)
+        return self.scale * self.alpha.repeat_interleave(self.rows, dim=0) * self.beta[:, None] * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -180,14 +182,14 @@ class SPPLinear(AdapterLinear):
     def blockwise_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x Wᵀ + b`` plus, per row block k, ``(x ⊙ α_k) W_kᵀ``, scaled by β (no out x in temporary)."""
         w = self.weight
-        xw = x.to(w.dtype)
-        parts = [(xw * self.alpha[k]) @ w[k * self.rows:(k + 1) * self.rows].T for k in range(self.rank)]
-        return self.base(x) + self.scale * torch.cat(parts, dim=-1) * self.beta
+        xw, alpha, beta = x.to(w.dtype), self.alpha.to(w.dtype), self.beta.to(w.dtype)
+        parts = [(xw * alpha[k]) @ w[k * self.rows:(k + 1) * self.rows].T for k in range(self.rank)]
+        return self.base(x) + (self.scale * torch.cat(parts, dim=-1) * beta).to(x.dtype)
 
     def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (W + scale·A⊙β⊙W)ᵀ + b`` with the full delta materialised (tests compare against it)."""
         out = self.base(x)
-        return out if self.merged else out + x.to(self.weight.dtype) @ self.delta_weight().T
+        return out if self.merged else out + (x.to(self.alpha.dtype) @ self.delta_weight().T).to(out.dtype)
 
 
 class LoRALinear(AdapterLinear):
@@ -200,11 +202,12 @@ class LoRALinear(AdapterLinear):
         super().__init__(base)
         out_features, in_features = self.weight.shape
         w = self.weight
+        dtype = torch.promote_types(w.dtype, torch.float32)  # trained in float32 even on a bf16/fp16 base
         self.rank = rank
         self.scale = (lora_alpha if lora_alpha is not None else rank) / rank
         self.keep_mask = keep_mask
-        self.lora_a = nn.Parameter(torch.empty(rank, in_features, dtype=w.dtype, device=w.device))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=w.dtype, device=w.device))
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=w.device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=w.device))
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         with torch.no_grad():
             bound = 1.0 / math.sqrt(in_features)
@@ -214,7 +217,8 @@ class LoRALinear(AdapterLinear):
         return self.scale * self.lora_b @ self.lora_a
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * ((x.to(self.lora_a.dtype) @ self.lora_a.T) @ self.lora_b.T)
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)  # the compute dtype of the base layer
+        return self.scale * ((x @ a.T) @ b.T)
 
     def merged_weight(self) -> torch.Tensor:
         merged = super().merged_weight()

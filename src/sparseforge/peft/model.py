@@ -7,6 +7,7 @@ each decoder block), so nothing here knows an architecture.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,10 @@ class AdapterConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"fine-tuning method '{self.method}' unknown: choose from {', '.join(METHODS)}")
+        if not (math.isfinite(self.scale) and self.scale != 0):
+            raise ConfigError(f"scale {self.scale} must be a finite non-zero number")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"lora alpha {self.lora_alpha} must be positive")
         for name, value in (("rank", self.rank), ("spp_rank", self.spp_rank)):
             if value is not None and value < 1:
                 raise ConfigError(f"{name} {value} must be a positive integer")

@@ -63,6 +63,10 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if not self.lr > 0:
             raise ConfigError(f"learning rate {self.lr} must be positive")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight decay {self.weight_decay} must be zero or positive")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("fp16 mixed precision needs a GPU: use --mixed-precision bf16 on CPU")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warm-up fraction {self.warmup} must be in [0, 1)")
         if self.schedule not in SCHEDULES:
@@ -159,10 +163,14 @@ class Trainer:
     """
 
     def __init__(self, model, examples: TrainExamples, config: TrainConfig, evaluate=None, callbacks=(),
-                 progress: bool = True):
+                 progress: bool = True, identity: dict | None = None):
         from accelerate import Accelerator
 
         self.config = config
+        # what a checkpoint must match to be resumed by this run (the caller adds its own, e.g. the adapters)
+        self.identity = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
+                         "lr": config.lr, "schedule": config.schedule, "warmup": config.warmup,
+                         "examples": len(examples), "seq_len": examples.seq_len, **(identity or {})}
         self.examples = examples
         self.callbacks = list(callbacks)
         self.evaluate_fn = evaluate
@@ -197,32 +205,44 @@ class Trainer:
         return Path(self.config.checkpoint_dir) / f"step-{step:07d}"
 
     def save_checkpoint(self) -> Path:
+        acc = self.accelerator
         path = self.checkpoint_path(self.step)
         tmp = path.with_name(path.name + ".tmp")
-        if self.accelerator.is_main_process and tmp.exists():
+        if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
-        self.accelerator.save_state(str(tmp))
-        if self.accelerator.is_main_process:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=2))
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every process writes its own RNG state into tmp
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "identity": self.identity, "config": asdict(self.config)}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
             if path.exists():  # a rerun from an earlier checkpoint passes this step again
                 shutil.rmtree(path)
             tmp.rename(path)  # a checkpoint exists only once complete
-            for old in sorted(Path(self.config.checkpoint_dir).glob("step-???????"))[: -self.config.keep_checkpoints]:
+            for old in self.checkpoints()[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         log.info("checkpoint at step %d: %s", self.step, path)
         return path
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoints(self) -> list[Path]:
         if not self.config.checkpoint_dir:
-            return None
-        found = sorted(Path(self.config.checkpoint_dir).glob("step-???????"))
+            return []
+        return sorted(p for p in Path(self.config.checkpoint_dir).glob("step-???????") if (p / STATE_FILE).is_file())
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
         return found[-1] if found else None
 
     def load_checkpoint(self, path: str | Path) -> None:
         path = Path(path)
         if not (path / STATE_FILE).is_file():
             raise ConfigError(f"{path} is not a complete checkpoint: give a step-NNNNNNN directory")
+        saved = json.loads((path / STATE_FILE).read_text()).get("identity", {})
+        differ = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
+        if differ:
+            raise ConfigError(f"checkpoint {path} is from a run with other settings ({', '.join(differ)}): "
+                              "resume with the same settings or use another --checkpoint-dir")
         self.accelerator.load_state(str(path))
         log.info("resumed from %s (step %d)", path, self.step)
 
@@ -247,43 +267,82 @@ class Trainer:
         rows = batch_rows(len(self.examples), self.config.batch_size, global_index, self.config.seed)
         return {k: v.to(acc.device) for k, v in self.examples.batch(rows).items()}
 
+    def _read_log(self, log_path: Path | None) -> list[dict]:
+        """The records of the steps this run has already done (a resumed run's earlier part)."""
+        if log_path is None or not log_path.exists():
+            return []
+        records = []
+        for line in log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if record.get("step", 0) <= self.step:
+                records.append(record)
+        return records
+
+    def _global_tokens(self, batches) -> int:
+        """Loss tokens of this step over all micro-batches and processes."""
+        count = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=self.accelerator.device)
+        return int(self.accelerator.reduce(count, "sum")) if self.accelerator.num_processes > 1 else int(count)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self.accelerator.num_processes > 1:  # every process must stop, or the others hang
+            finite = self.accelerator.reduce(finite, "min")
+        if not bool(finite.item()):
+            raise NumericalError(f"training loss is not finite at step {self.step}: lower --lr")
+
     def train(self, resume: str | Path | bool | None = None) -> TrainResult:
-        """Run to ``config.steps``. ``resume``: True = the latest checkpoint if any, or a path."""
+        """Run to ``config.steps``. ``resume``: True = the latest checkpoint if any, or a path.
+
+        Without ``resume``, a checkpoint directory holding another run's checkpoints is refused
+        (they would be rotated into this run's or resumed by mistake later)."""
         config, acc = self.config, self.accelerator
         if resume:
             path = self.latest_checkpoint() if resume is True else Path(resume)
             if path is not None:
                 self.load_checkpoint(path)
+        elif self.checkpoints():
+            raise ConfigError(f"{config.checkpoint_dir} holds checkpoints of an earlier run: pass --resume to "
+                              "continue it, or choose another --checkpoint-dir")
         result = TrainResult(steps=config.steps, resumed_from=self.step)
         log_path = Path(config.checkpoint_dir) / "train_log.jsonl" if config.checkpoint_dir else None
+        # a resumed run repeats the steps after its checkpoint: keep only the records before it
+        result.history = self._read_log(log_path) if self.step else []
+        if log_path is not None and acc.is_main_process:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in result.history))
         for c in self.callbacks:
             c.on_train_begin(self)
         if self.step == 0 and config.eval_first_last:
             self._evaluate(result)
-        if log_path is not None and acc.is_main_process and log_path.exists():
-            # a resumed run repeats the steps after its checkpoint: drop their old records
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            log_path.write_text("".join(line + "\n" for line in kept))
         self.model.train()
         started = time.perf_counter()
         bar = tqdm(total=config.steps, initial=self.step, desc="train", disable=not (self.progress and acc.is_main_process))
         while self.step < config.steps:
             t0 = time.perf_counter()
+            batches = [self._micro_batch(self.step * config.grad_accum + j) for j in range(config.grad_accum)]
+            step_tokens = max(self._global_tokens(batches), 1)
             loss_sum, tokens = 0.0, 0
-            for j in range(config.grad_accum):
-                batch = self._micro_batch(self.step * config.grad_accum + j)
+            for j, batch in enumerate(batches):
+                micro_tokens = int((batch["labels"][:, 1:] != -100).sum())
                 # all-reduce gradients only on the last micro-batch of a step
-                sync = j == config.grad_accum - 1
-                with acc.autocast(), (acc.no_sync(self.model) if not sync else nullcontext()):
-                    loss = self.model(**batch, use_cache=False).loss
-                    if not torch.isfinite(loss):
-                        raise NumericalError(f"training loss is not finite at step {self.step}: lower --lr")
-                    acc.backward(loss / config.grad_accum)
-                loss_sum += float(loss.detach()) / config.grad_accum
-                tokens += int((batch["labels"][:, 1:] != -100).sum())
+                with acc.no_sync(self.model) if j < len(batches) - 1 else nullcontext():
+                    with acc.autocast():
+                        loss = self.model(**batch, use_cache=False).loss
+                    self._check_finite(loss)
+                    # the model's loss is a mean over this micro-batch's tokens; weighting by its share
+                    # of the step's tokens makes the step's gradient the mean over all of them (DDP
+                    # averages over processes, hence the factor)
+                    acc.backward(loss * (micro_tokens * acc.num_processes / step_tokens))
+                loss_sum += float(loss.detach()) * micro_tokens
+                tokens += micro_tokens
+            loss_mean = loss_sum / max(tokens, 1)
             if config.max_grad_norm:
-                grad_norm = float(acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                      config.max_grad_norm))
+                # all parameters: FSDP and DeepSpeed recognise the whole model and clip across shards
+                norm = acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else float("nan")
             else:
                 grad_norm = float("nan")
             lr = self.scheduler.get_last_lr()[0]
@@ -294,19 +353,18 @@ class Trainer:
             for c in self.callbacks:
                 c.on_optimizer_step(self)
             seconds = time.perf_counter() - t0
-            record = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+            record = {"step": self.step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "seconds": seconds, "tokens_per_s": tokens * acc.num_processes / seconds}
             result.history.append(record)
-            for c in self.callbacks:
-                c.on_step_end(self, record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if log_path is not None and acc.is_main_process:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            for c in self.callbacks:
+                c.on_step_end(self, record)
             if config.log_every and self.step % config.log_every == 0:
-                log.info("step %d/%d loss %.4f lr %.3g %.0f tok/s", self.step, config.steps, loss_sum, lr,
+                log.info("step %d/%d loss %.4f lr %.3g %.0f tok/s", self.step, config.steps, loss_mean, lr,
                          record["tokens_per_s"])
             if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
                 self._evaluate(result)
