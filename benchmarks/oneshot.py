@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -106,14 +107,15 @@ def worker_prepare(out: Path) -> None:
     }))
 
 
-def forward_flops(model, n_tokens: int, seq_len: int, passes: int, method: str) -> float:
-    """FLOPs of the calibration work: block forwards, Hessian products, SparseGPT updates."""
+def forward_flops(model, n_tokens: int, seq_len: int, passes: int, method: str, fraction: float = 1.0) -> float:
+    """FLOPs of the calibration work on the pruned blocks (the engine stops after the last one):
+    block forwards, Hessian products, SparseGPT updates."""
     from sparseforge.models import get_adapter, get_weight
 
     adapter = get_adapter(model)
     cfg = model.config
     total = 0.0
-    for block in adapter.blocks[:]:
+    for block in adapter.blocks[: math.ceil(fraction * len(adapter.blocks))]:
         linears = adapter.block_linears(block)
         params = sum(get_weight(m).numel() for m in linears.values())
         attn = 4 * n_tokens * seq_len * cfg.num_attention_heads * getattr(cfg, "head_dim", 64)
@@ -152,7 +154,7 @@ def worker_run(out: Path, key: str) -> None:
         if report.details:
             result["ffn_logs"] = report.details
         if method in ("wanda", "sparsegpt"):
-            flops = forward_flops(model, calib.numel(), SEQ_LEN, 2 if batch_size else 1, method)
+            flops = forward_flops(model, calib.numel(), SEQ_LEN, 2 if batch_size else 1, method, fraction or 1.0)
             result.update(tflop=flops / 1e12, gflops_per_s=flops / 1e9 / report.seconds,
                           fraction_of_fp32_peak=flops / 1e9 / report.seconds / FP32_PEAK_GFLOPS)
     else:  # the peer's saved model, pruned in its own process
