@@ -66,7 +66,7 @@ def worker_finetune(method: str, pattern: str, ft: str, args) -> None:
     report = finetune(model, tokenizer, method=ft, data="wiki", steps=args.steps, seq_len=args.seq_len,
                       evaluate=False, progress=False, **options)
     result = report.to_dict()
-    result.update(prune_method=method, pattern=pattern)
+    result.update(prune_method=method, prune_pattern=pattern)
     result["perplexity"] = perplexity(model, torch.load(WORK / "eval.pt"), progress=False)
     (WORK / f"ft-{method}-{pattern}-{ft}.json").write_text(json.dumps(result, indent=2))
 
