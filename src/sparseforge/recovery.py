@@ -107,8 +107,9 @@ def finetune(
     trainable = trainable_report(model)
     log.info("%s: %d trainable parameters (%.2f per mille of %d)", method, trainable["trainable"],
              trainable["per_mille"], trainable["model"])
+    train_fingerprint = fingerprint(examples.input_ids)
     trainer = Trainer(model, examples, config, evaluate=periodic_eval if windows is not None else None, progress=progress,
-                      identity={"adapter": asdict(adapter_config), "train_fingerprint": fingerprint(examples.input_ids)})
+                      identity={"adapter": asdict(adapter_config), "train_fingerprint": train_fingerprint})
     result = trainer.train(resume=resume)
     model = trainer.unwrapped_model()
     weights = adapter_state_dict(model)
@@ -122,7 +123,7 @@ def finetune(
         log.info("perplexity %.3f -> %.3f", before["perplexity"], after["perplexity"])
     data_info = {"source": data, "kind": examples.kind, "rows": len(examples), "seq_len": seq_len,
                  "tokens_per_step": config.batch_size * config.grad_accum * (seq_len - 1),
-                 "train_fingerprint": fingerprint(examples.input_ids),
+                 "train_fingerprint": train_fingerprint,
                  "eval": None if windows is None else {"source": eval_data, "windows": int(windows.shape[0]),
                                                        "fingerprint": fingerprint(windows)}}
     adapter_dict = asdict(adapter_config)

@@ -1,8 +1,9 @@
 """Adapter layers around a frozen (sparse) linear layer: SPP and LoRA.
 
 The contract follows PEFT's tuner layers: an adapter wraps its base layer,
-adds a learnable delta in ``forward``, and can ``merge`` the delta into the
-base weight (``unmerge`` undoes it); ``delta_weight()`` is the dense delta.
+adds a learnable delta in ``forward`` (``unmerged_forward``), and can ``merge``
+the delta into the base weight (``unmerge`` undoes it); ``delta_weight()`` is
+the dense delta.
 The base layer may be an ``nn.Linear`` or GPT-2's ``Conv1D``: its weight is
 read and written through the adapters' ``get_weight``/``set_weight`` (always
 out x in).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn as nn
@@ -29,8 +31,9 @@ def rows_per_block(out_features: int, rank: int) -> tuple[int, int]:
     return blocks, out_features // blocks
 
 
-class AdapterLinear(nn.Module):
-    """A frozen base layer plus a learnable delta; subclasses define the delta."""
+class AdapterLinear(nn.Module, ABC):
+    """A frozen base layer plus a learnable delta; subclasses define the delta and
+    how the unmerged layer computes its output."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -44,15 +47,16 @@ class AdapterLinear(nn.Module):
         """The base weight, out x in (a view for Conv1D)."""
         return get_weight(self.base)
 
+    @abstractmethod
     def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The dense (out x in) delta the adapter adds to the base weight."""
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output with the delta not yet merged into the base weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        return out if self.merged else out + self.adapter_forward(x)
+        return self.base(x) if self.merged else self.unmerged_forward(x)
 
     def merged_weight(self) -> torch.Tensor:
         """W + delta, summed in at least float32 and stored in W's dtype."""
@@ -171,9 +175,7 @@ class SPPLinear(AdapterLinear):
         w = self.weight.to(self.alpha.dtype)
         return self.scale * self.alpha.repeat_interleave(self.rows, dim=0) * self.beta[:, None] * w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base(x)
+    def unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.alpha.requires_grad or self.beta.requires_grad):
             bias = getattr(self.base, "bias", None)
             return _SPPTrainingLinear.apply(x, self.weight, self.alpha, self.beta, bias, self.scale, self.rows)
@@ -216,9 +218,9 @@ class LoRALinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return self.scale * self.lora_b @ self.lora_a
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def unmerged_forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)  # the compute dtype of the base layer
-        return self.scale * ((x @ a.T) @ b.T)
+        return self.base(x) + self.scale * ((x @ a.T) @ b.T)
 
     def merged_weight(self) -> torch.Tensor:
         merged = super().merged_weight()
