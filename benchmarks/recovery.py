@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 from common import ROOT, THREADS, WORK, run_child
+
+from sparseforge.recovery import DEFAULT_LR
 
 PRUNINGS = [(m, p) for m in ("wanda", "sparsegpt") for p in ("0.5", "2:4", "0.75", "2:8")]
 METHODS = ("spp", "lora-star")
@@ -71,6 +74,14 @@ def worker_finetune(method: str, pattern: str, ft: str, args) -> None:
     (WORK / f"ft-{method}-{pattern}-{ft}.json").write_text(json.dumps(result, indent=2))
 
 
+def same_settings(run: dict, ft: str, args) -> bool:
+    """Whether a stored fine-tuning run used the settings asked for now (--reuse keeps only those)."""
+    config = run["train_config"]
+    wanted_lr = args.lr.get(ft) or DEFAULT_LR[ft]
+    return (config["steps"], config["batch_size"], run["data"]["seq_len"], config["mixed_precision"]) == \
+        (args.steps, args.batch_size, args.seq_len, args.mixed_precision) and math.isclose(config["lr"], wanted_lr)
+
+
 def recovered_fraction(dense: float, pruned: float, tuned: float) -> float:
     """Share of the perplexity lost to pruning that fine-tuning won back: (pruned - tuned) / (pruned - dense)."""
     lost = pruned - dense
@@ -93,6 +104,7 @@ def write_docs(rows: list[dict], dense: dict, meta: dict) -> None:
             f"{s['trainable']:,} / {lo['trainable']:,} ({s['per_mille']:.2f} / {lo['per_mille']:.2f}) | "
             f"{s['step_seconds']:.2f} / {lo['step_seconds']:.2f} | {s['peak_rss_mb']:.0f} / {lo['peak_rss_mb']:.0f} |")
     plot_losses(rows, docs / "recovery_loss.png")
+    lines += ["", "Against the targets (computed from the rows above):", ""] + [f"- {v}" for v in verdicts(rows)]
     body = (
         "## Recovery fine-tuning: SPP vs LoRA* (SmolLM2-135M)\n\n"
         f"Machine: {meta['machine']}, {THREADS} threads. Each pruned model is fine-tuned for {meta['steps']} steps of "
@@ -116,14 +128,42 @@ def write_docs(rows: list[dict], dense: dict, meta: dict) -> None:
     path.write_text(text)
 
 
+def verdicts(rows: list[dict]) -> list[str]:
+    """The issue's targets, checked row by row."""
+    def listing(selected, fmt):
+        return "; ".join(f"{r['prune_method']} {r['pattern']}: {fmt(r)}" for r in selected) or "no rows run"
+
+    half = [r for r in rows if r["pattern"] in ("0.5", "2:4")]
+    high = [r for r in rows if r["pattern"] in ("0.75", "2:8")]
+    out = [
+        f"SPP recovers at least half of the loss at 50% and 2:4 — {sum(r['recovered']['spp'] >= 0.5 for r in half)} "
+        f"of {len(half)} rows: " + listing(half, lambda r: f"{100 * r['recovered']['spp']:.0f}%"),
+        f"SPP beats LoRA* at 75% — {sum(r['spp']['perplexity'] < r['lora-star']['perplexity'] for r in high)} of "
+        f"{len(high)} rows (75% and 2:8): " + listing(high, lambda r: f"{r['spp']['perplexity']:.2f} vs "
+                                                       f"{r['lora-star']['perplexity']:.2f}"),
+    ]
+    if rows:
+        ratios = [r["spp"]["step_seconds"] / r["lora-star"]["step_seconds"] for r in rows]
+        extra = [r["spp"]["peak_rss_mb"] - r["lora-star"]["peak_rss_mb"] for r in rows]
+        out += [f"SPP step time within 1.3x of LoRA*'s — {sum(x <= 1.3 for x in ratios)} of {len(rows)} rows "
+                f"(ratio {min(ratios):.2f}–{max(ratios):.2f})",
+                f"SPP peak memory no higher than LoRA*'s — {sum(x <= 0 for x in extra)} of {len(rows)} rows "
+                f"(SPP − LoRA*: {min(extra):+.0f} to {max(extra):+.0f} MiB)"]
+    return out
+
+
 def plot_losses(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3), sharey=True, squeeze=False)
-    for ax, r in zip(axes[0], rows):
+    columns = min(4, len(rows))
+    grid_rows = math.ceil(len(rows) / columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.8 * grid_rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, rows):
         for ft in METHODS:
             losses = r[ft]["losses"]
             window = max(1, len(losses) // 20)
@@ -133,7 +173,8 @@ def plot_losses(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{r['prune_method']} {r['pattern']}", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training loss (smoothed)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("training loss (smoothed)")
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -176,7 +217,7 @@ def main() -> int:
         row = {"prune_method": method, "pattern": pattern, "pruned": pruned["perplexity"], "recovered": {}}
         for ft in METHODS:
             out = WORK / f"ft-{method}-{pattern}-{ft}.json"
-            if not (args.reuse and out.exists()):
+            if not (args.reuse and out.exists() and same_settings(json.loads(out.read_text()), ft, args)):
                 started = time.perf_counter()
                 run_child(me + ["--worker", "finetune", method, pattern, ft] + shared,
                           WORK / f"ft-{method}-{pattern}-{ft}.log")

@@ -117,6 +117,17 @@ def test_delta_keeps_every_zero_and_merge_is_exact():
     torch.testing.assert_close(layer(x), unmerged, atol=1e-10, rtol=0)
 
 
+def test_merge_and_unload_keeps_no_copy_of_the_weights(tiny_model):
+    """Unloading is the end of the adapter: a kept copy of every base weight would double the
+    merged model's memory."""
+    wrapped = inject_adapters(tiny_model, AdapterConfig(method="spp", spp_rank=4))
+    merge_adapters(tiny_model)
+    assert wrapped and not any(hasattr(layer, "_unmerged") for layer in wrapped.values())
+    layer = next(iter(wrapped.values()))
+    with pytest.raises(ConfigError, match="cannot be unmerged"):
+        layer.unmerge()
+
+
 def test_beta_starts_at_zero_so_the_output_is_the_base_output():
     layer = SPPLinear(sparse_linear(), rank=4)
     assert (layer.beta == 0).all() and layer.alpha.abs().sum() > 0

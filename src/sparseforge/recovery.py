@@ -52,7 +52,8 @@ class FinetuneReport:
     evaluations: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     median_step_seconds: float = 0.0
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float = 0.0  # the whole run's: loading, data, training, merging
+    training_peak_rss_mb: dict = field(default_factory=dict)  # before and after the training loop
     resumed_from: int = 0
     adapter_weights: dict = field(default_factory=dict, repr=False)
 
@@ -133,6 +134,7 @@ def finetune(
         perplexity_before=before, perplexity_after=after, pattern=pattern, history=result.history,
         evaluations=result.evaluations, train_seconds=round(result.seconds, 3),
         median_step_seconds=round(result.median_step_seconds(), 4), peak_rss_mb=round(peak_rss_mb(), 1),
+        training_peak_rss_mb={"before": result.peak_rss_before_mb, "after": result.peak_rss_mb},
         resumed_from=result.resumed_from, adapter_weights=weights,
     )
 

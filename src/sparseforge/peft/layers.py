@@ -64,14 +64,17 @@ class AdapterLinear(nn.Module, ABC):
         return (self.weight.to(dtype) + self.delta_weight().to(dtype)).to(self.weight.dtype)
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
-        """Write the delta into the base weight. ``safe_merge`` checks it is finite first."""
+    def merge(self, safe_merge: bool = False, keep_original: bool = True) -> None:
+        """Write the delta into the base weight. ``safe_merge`` checks it is finite first.
+        ``keep_original`` keeps a copy of the base weight for ``unmerge`` (exact even where
+        LoRA* masked the delta); merge-and-unload passes False, as nothing will unmerge."""
         if self.merged:
             return
-        self._unmerged = self.weight.detach().clone()
         new = self.merged_weight()
         if safe_merge and not torch.isfinite(new).all():
             raise ConfigError("merging the adapter gives non-finite weights: lower the learning rate")
+        if keep_original:
+            self._unmerged = self.weight.detach().clone()
         set_weight(self.base, new)
         self.merged = True
 
@@ -79,6 +82,8 @@ class AdapterLinear(nn.Module, ABC):
     def unmerge(self) -> None:
         if not self.merged:
             return
+        if not hasattr(self, "_unmerged"):
+            raise ConfigError("this adapter was merged without keeping the original weight: it cannot be unmerged")
         set_weight(self.base, self._unmerged)
         del self._unmerged
         self.merged = False

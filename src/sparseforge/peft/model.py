@@ -121,7 +121,7 @@ def merge_adapters(model: nn.Module) -> list[str]:
     """Merge every adapter into its base weight and put the plain base layer back."""
     names = []
     for name, layer in adapter_layers(model).items():
-        layer.merge(safe_merge=True)
+        layer.merge(safe_merge=True, keep_original=False)  # no copy: the adapter is discarded
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base)
         names.append(name)

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericalError
+from ..measure import current_rss_mb, peak_rss_mb
 from .data import TrainExamples, batch_rows
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ class TrainResult:
     evaluations: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    # the process's peak resident memory when training began and when it ended: if the second is
+    # higher, training set the peak (loading and data preparation did not)
+    peak_rss_before_mb: float = 0.0
+    peak_rss_mb: float = 0.0
 
     def median_step_seconds(self) -> float:
         times = sorted(r["seconds"] for r in self.history)
@@ -306,7 +311,7 @@ class Trainer:
         elif self.checkpoints():
             raise ConfigError(f"{config.checkpoint_dir} holds checkpoints of an earlier run: pass --resume to "
                               "continue it, or choose another --checkpoint-dir")
-        result = TrainResult(steps=config.steps, resumed_from=self.step)
+        result = TrainResult(steps=config.steps, resumed_from=self.step, peak_rss_before_mb=round(peak_rss_mb(), 1))
         log_path = Path(config.checkpoint_dir) / "train_log.jsonl" if config.checkpoint_dir else None
         # a resumed run repeats the steps after its checkpoint: keep only the records before it
         result.history = self._read_log(log_path) if self.step else []
@@ -354,7 +359,8 @@ class Trainer:
                 c.on_optimizer_step(self)
             seconds = time.perf_counter() - t0
             record = {"step": self.step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                      "seconds": seconds, "tokens_per_s": tokens * acc.num_processes / seconds}
+                      "seconds": seconds, "tokens_per_s": tokens * acc.num_processes / seconds,
+                      "rss_mb": current_rss_mb()}
             result.history.append(record)
             if log_path is not None and acc.is_main_process:
                 with open(log_path, "a") as f:
@@ -372,6 +378,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         result.seconds = time.perf_counter() - started
+        result.peak_rss_mb = round(peak_rss_mb(), 1)
         if config.eval_first_last:
             self._evaluate(result)
         for c in self.callbacks:
