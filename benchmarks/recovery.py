@@ -3,6 +3,8 @@
 
     .venv/bin/python benchmarks/recovery.py                      # the full grid
     .venv/bin/python benchmarks/recovery.py --only wanda:0.5     # one pruned model, both methods
+    .venv/bin/python benchmarks/recovery.py --reuse --only wanda:0.75 --lr-spp 0.012 --lr-lora 0.003
+                                                    # a learning-rate check beside the defaults' runs
 
 For each pruning (Wanda and SparseGPT at 50%, 2:4, 75% and 2:8; the one-shot
 benchmark's 32 x 512 calibration windows) the pruned model is fine-tuned with
@@ -10,7 +12,10 @@ SPP and with LoRA* for the same steps on the same batches of the wiki train
 split, with LoRA's rank matched to SPP's trainable parameters. Each run is its
 own process (its peak RSS is its own). Perplexity is measured on the one-shot
 benchmark's 40 held-out windows. Results: docs/results.md (recovery section),
-docs/results_recovery.json, docs/recovery_loss.png.
+docs/results_recovery.json, docs/recovery_loss.png. The table is built from
+every stored run with the same steps, batch and precision: the methods'
+default learning rates in the main table, any other learning rate in the
+learning-rate check below it.
 """
 
 from __future__ import annotations
@@ -71,13 +76,23 @@ def worker_finetune(method: str, pattern: str, ft: str, args) -> None:
     result = report.to_dict()
     result.update(prune_method=method, prune_pattern=pattern)
     result["perplexity"] = perplexity(model, torch.load(WORK / "eval.pt"), progress=False)
-    (WORK / f"ft-{method}-{pattern}-{ft}.json").write_text(json.dumps(result, indent=2))
+    run_path(method, pattern, ft, result["train_config"]["lr"]).write_text(json.dumps(result, indent=2))
+
+
+def learning_rate(ft: str, args) -> float:
+    return args.lr.get(ft) or DEFAULT_LR[ft]
+
+
+def run_path(method: str, pattern: str, ft: str, lr: float, suffix: str = ".json") -> Path:
+    """Where a fine-tuning run's result lives; the learning rate is part of the name, so a
+    learning-rate check (--lr-spp / --lr-lora) adds runs beside the defaults' instead of replacing them."""
+    return WORK / f"ft-{method}-{pattern}-{ft}-lr{lr:g}{suffix}"
 
 
 def same_settings(run: dict, ft: str, args) -> bool:
     """Whether a stored fine-tuning run used the settings asked for now (--reuse keeps only those)."""
     config = run["train_config"]
-    wanted_lr = args.lr.get(ft) or DEFAULT_LR[ft]
+    wanted_lr = learning_rate(ft, args)
     return (config["steps"], config["batch_size"], run["data"]["seq_len"], config["mixed_precision"]) == \
         (args.steps, args.batch_size, args.seq_len, args.mixed_precision) and math.isclose(config["lr"], wanted_lr)
 
@@ -88,9 +103,10 @@ def recovered_fraction(dense: float, pruned: float, tuned: float) -> float:
     return (pruned - tuned) / lost if lost > 0 else float("nan")
 
 
-def write_docs(rows: list[dict], dense: dict, meta: dict) -> None:
+def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict) -> None:
     docs = ROOT / "docs"
-    (docs / "results_recovery.json").write_text(json.dumps({"meta": meta, "dense": dense, "rows": rows}, indent=2) + "\n")
+    (docs / "results_recovery.json").write_text(
+        json.dumps({"meta": meta, "dense": dense, "rows": rows, "learning_rate_check": sweep}, indent=2) + "\n")
     lines = [
         "| pruning | pattern | pruned ppl | +SPP ppl | +LoRA* ppl | SPP recovered | LoRA* recovered "
         "| trainable SPP / LoRA* (per mille) | step s SPP / LoRA* | peak RSS MiB SPP / LoRA* |",
@@ -105,6 +121,12 @@ def write_docs(rows: list[dict], dense: dict, meta: dict) -> None:
             f"{s['step_seconds']:.2f} / {lo['step_seconds']:.2f} | {s['peak_rss_mb']:.0f} / {lo['peak_rss_mb']:.0f} |")
     plot_losses(rows, docs / "recovery_loss.png")
     lines += ["", "Against the targets (computed from the rows above):", ""] + [f"- {v}" for v in verdicts(rows)]
+    if sweep:
+        lines += ["", "Learning-rate check (same budget and batches; `--lr-spp` / `--lr-lora` with `--only`):", "",
+                  "| pruning | pattern | method | lr | perplexity | recovered |", "|---|---|---|---:|---:|---:|"]
+        lines += [f"| {s['prune_method']} | {s['pattern']} | {s['method']} | {s['lr']:g} | {s['perplexity']:.2f} | "
+                  f"{100 * s['recovered']:.0f}% |" for s in sorted(sweep, key=lambda s: (s["prune_method"], s["pattern"],
+                                                                                          s["method"], s["lr"]))]
     body = (
         "## Recovery fine-tuning: SPP vs LoRA* (SmolLM2-135M)\n\n"
         f"Machine: {meta['machine']}, {THREADS} threads. Each pruned model is fine-tuned for {meta['steps']} steps of "
@@ -206,7 +228,6 @@ def main() -> int:
         if value:
             shared += [f"--lr-{ft}", str(value)]
     dense = json.loads((WORK / "dense:-:-.json").read_text())
-    rows = []
     for method, pattern in PRUNINGS:
         if args.only and f"{method}:{pattern}" not in args.only:
             continue
@@ -214,33 +235,61 @@ def main() -> int:
         if not (args.reuse and done.exists()):
             run_child(me + ["--worker", "prune", method, pattern], WORK / f"pruned-{method}-{pattern}.log")
         pruned = json.loads(done.read_text())
-        row = {"prune_method": method, "pattern": pattern, "pruned": pruned["perplexity"], "recovered": {}}
         for ft in METHODS:
-            out = WORK / f"ft-{method}-{pattern}-{ft}.json"
+            out = run_path(method, pattern, ft, learning_rate(ft, args))
             if not (args.reuse and out.exists() and same_settings(json.loads(out.read_text()), ft, args)):
                 started = time.perf_counter()
                 run_child(me + ["--worker", "finetune", method, pattern, ft] + shared,
-                          WORK / f"ft-{method}-{pattern}-{ft}.log")
+                          run_path(method, pattern, ft, learning_rate(ft, args), ".log"))
                 print(f"{method}:{pattern}:{ft} done in {time.perf_counter() - started:.0f}s", flush=True)
             r = json.loads(out.read_text())
             if not r["pattern"]["identical"]:
                 raise SystemExit(f"{ft} changed the zero pattern of {method}:{pattern}")
-            row[ft] = {"perplexity": r["perplexity"]["perplexity"], "trainable": r["trainable"]["trainable"],
-                       "per_mille": r["trainable"]["per_mille"], "step_seconds": r["median_step_seconds"],
-                       "peak_rss_mb": r["peak_rss_mb"], "train_seconds": r["train_seconds"],
-                       "lr": r["train_config"]["lr"], "losses": [h["loss"] for h in r["history"]]}
-            row["recovered"][ft] = recovered_fraction(dense["perplexity"], pruned["perplexity"], row[ft]["perplexity"])
-            print(f"  {method}:{pattern}:{ft}: pruned {pruned['perplexity']:.2f} -> {row[ft]['perplexity']:.2f} "
-                  f"(recovered {100 * row['recovered'][ft]:.0f}%), step {row[ft]['step_seconds']:.2f}s, "
-                  f"peak RSS {row[ft]['peak_rss_mb']:.0f} MiB", flush=True)
-        rows.append(row)
+            tuned = r["perplexity"]["perplexity"]
+            print(f"  {method}:{pattern}:{ft} lr {r['train_config']['lr']:g}: pruned {pruned['perplexity']:.2f} -> "
+                  f"{tuned:.2f} (recovered {100 * recovered_fraction(dense['perplexity'], pruned['perplexity'], tuned):.0f}%), "
+                  f"step {r['median_step_seconds']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+    # the docs are rebuilt from every stored run with these settings, whatever this invocation ran
+    rows, sweep = collect(dense, args)
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "tokens": args.steps * args.batch_size * args.seq_len, "mixed_precision": args.mixed_precision,
-            "lr": {ft: rows[0][ft]["lr"] for ft in METHODS} if rows else {}}
-    if rows:  # the table lists the prunings that were run (all of them unless --only)
-        write_docs(rows, dense, meta)
+            "lr": {ft: DEFAULT_LR[ft] for ft in METHODS}}
+    if rows:
+        write_docs(rows, sweep, dense, meta)
     return 0
+
+
+def collect(dense: dict, args) -> tuple[list[dict], list[dict]]:
+    """The table's rows (both methods at their default learning rates) and every run of the
+    learning-rate check, from the stored results with this invocation's steps, batch and precision."""
+    rows, sweep = [], []
+    for method, pattern in PRUNINGS:
+        done = WORK / f"pruned-{method}-{pattern}.json"
+        if not done.exists():
+            continue
+        pruned = json.loads(done.read_text())["perplexity"]
+        row = {"prune_method": method, "pattern": pattern, "pruned": pruned, "recovered": {}}
+        for ft in METHODS:
+            for path in sorted(WORK.glob(f"ft-{method}-{pattern}-{ft}-lr*.json")):
+                r = json.loads(path.read_text())
+                lr = r["train_config"]["lr"]
+                if not same_settings(r, ft, argparse.Namespace(**{**vars(args), "lr": {ft: lr}})):
+                    continue  # other steps, batch or precision
+                entry = {"perplexity": r["perplexity"]["perplexity"], "trainable": r["trainable"]["trainable"],
+                         "per_mille": r["trainable"]["per_mille"], "step_seconds": r["median_step_seconds"],
+                         "peak_rss_mb": r["peak_rss_mb"], "train_seconds": r["train_seconds"], "lr": lr,
+                         "losses": [h["loss"] for h in r["history"]]}
+                recovered = recovered_fraction(dense["perplexity"], pruned, entry["perplexity"])
+                sweep.append({"prune_method": method, "pattern": pattern, "method": ft, "lr": lr,
+                              "pruned": pruned, "perplexity": entry["perplexity"], "recovered": recovered})
+                if math.isclose(lr, DEFAULT_LR[ft]):
+                    row[ft], row["recovered"][ft] = entry, recovered
+        if all(ft in row for ft in METHODS):
+            rows.append(row)
+    # the check is only worth a table where some run used another learning rate
+    checked = {(s["prune_method"], s["pattern"]) for s in sweep if not math.isclose(s["lr"], DEFAULT_LR[s["method"]])}
+    return rows, [s for s in sweep if (s["prune_method"], s["pattern"]) in checked]
 
 
 if __name__ == "__main__":
