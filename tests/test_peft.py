@@ -87,6 +87,19 @@ def test_training_form_gradients_match_autograd_of_the_naive_form(bias):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
+def test_spp_weight_is_the_direct_expression_bit_for_bit():
+    """The in-place, broadcast W' must be exactly W + scale·A⊙β⊙W (the same float operations)."""
+    from sparseforge.peft.layers import _spp_weight
+
+    for dtype in (torch.float32, torch.float64):
+        w = torch.randn(48, 20, generator=G, dtype=dtype)
+        alpha, beta = torch.randn(4, 20, generator=G, dtype=dtype), torch.randn(48, generator=G, dtype=dtype)
+        for scale in (1.0, 0.37):
+            direct = w + scale * alpha.repeat_interleave(12, dim=0) * beta[:, None] * w
+            assert torch.equal(_spp_weight(w, alpha, beta, scale, 12), direct)
+        assert torch.equal(_spp_weight(w.T.contiguous().T, alpha, beta, 1.0, 12), _spp_weight(w, alpha, beta, 1.0, 12))
+
+
 def test_training_form_keeps_only_the_input_for_backward():
     """The memory claim: nothing out x in (or r copies of x) is saved per layer."""
     layer = SPPLinear(sparse_linear(out_features=64, in_features=32, dtype=torch.float32), rank=16)
