@@ -11,9 +11,10 @@ WORK = ROOT / "benchmarks" / "work"
 THREADS = 2  # this machine's cores; every run, ours and the peer's, uses the same
 
 
-def run_child(args: list, log: Path) -> None:
-    """Run one configuration in its own process (its peak RSS is its own), output to ``log``."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false")
+def run_child(args: list, log: Path, env: dict | None = None) -> None:
+    """Run one configuration in its own process (its peak RSS is its own), output to ``log``;
+    ``env`` adds environment variables."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), TOKENIZERS_PARALLELISM="false", **(env or {}))
     with open(log, "w") as f:
         proc = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if proc.returncode:
