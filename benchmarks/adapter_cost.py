@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, THREADS, WORK, run_child
+from common import ROOT, THREADS, WORK, run_child, write_results_section
 
 METHODS = ("spp", "lora-star")
 #: C allocator settings compared. glibc's default raises its mmap threshold as large blocks are
@@ -118,15 +118,7 @@ def write_docs(results: dict, meta: dict) -> None:
         f"Command: `.venv/bin/python benchmarks/adapter_cost.py` ({meta['date']}).\n\n"
         + "\n".join(lines) + "\n\nSPP relative to LoRA*: " + "; ".join(ratios) + "."
     )
-    path = docs / "results.md"
-    text = path.read_text()
-    block = f"<!-- adapter-cost:begin -->\n{body}\n<!-- adapter-cost:end -->\n"
-    if "<!-- adapter-cost:begin -->" in text:
-        head, rest = text.split("<!-- adapter-cost:begin -->", 1)
-        text = head + block + rest.split("<!-- adapter-cost:end -->\n", 1)[1]
-    else:
-        text += "\n" + block
-    path.write_text(text)
+    write_results_section("adapter-cost", body)
 
 
 def main() -> int:

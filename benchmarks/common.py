@@ -19,3 +19,19 @@ def run_child(args: list, log: Path, env: dict | None = None) -> None:
         proc = subprocess.run([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"{' '.join(map(str, args))} failed; see {log}")
+
+
+def write_results_section(name: str, body: str) -> None:
+    """Put ``body`` into docs/results.md between ``<!-- name:begin -->`` and ``<!-- name:end -->``,
+    replacing that section if it exists, appending it otherwise; the rest of the file is kept."""
+    path = ROOT / "docs" / "results.md"
+    path.parent.mkdir(exist_ok=True)
+    text = path.read_text() if path.exists() else "# Results\n\nEvery number here is produced by a script in `benchmarks/`.\n\n"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->\n"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text += "\n" + block
+    path.write_text(text)

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, THREADS, WORK, run_child
+from common import ROOT, THREADS, WORK, run_child, write_results_section
 
 PEER_PY = ROOT / "benchmarks" / ".venv-peer" / "bin" / "python"
 N_CALIB, SEQ_LEN, EVAL_WINDOWS = 32, 512, 40
@@ -233,10 +233,6 @@ def plot_sparsity(results: list[dict], dense: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def section(name: str, body: str) -> tuple[str, str]:
-    return name, f"<!-- {name}:begin -->\n{body}\n<!-- {name}:end -->\n"
-
-
 def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None:
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -273,15 +269,7 @@ def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None
         body = ("## Perplexity vs calibration size at 70% (SmolLM2-135M)\n\n" + setup
                 + "First half of the blocks pruned (the paper's protocol); calibration windows drawn with the same "
                 "seed from the train split.\n\n" + "\n".join(rows))
-    path = docs / "results.md"
-    text = path.read_text() if path.exists() else "# Results\n\nEvery number here is produced by a script in `benchmarks/`.\n\n"
-    name, block = section(suite, body)
-    if f"<!-- {name}:begin -->" in text:
-        head, rest = text.split(f"<!-- {name}:begin -->", 1)
-        text = head + block + rest.split(f"<!-- {name}:end -->\n", 1)[1]
-    else:
-        text += "\n" + block
-    path.write_text(text)
+    write_results_section(suite, body)
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, THREADS, WORK, run_child
+from common import ROOT, THREADS, WORK, run_child, write_results_section
 
 from sparseforge.recovery import DEFAULT_LR
 
@@ -89,12 +89,11 @@ def run_path(method: str, pattern: str, ft: str, lr: float, suffix: str = ".json
     return WORK / f"ft-{method}-{pattern}-{ft}-lr{lr:g}{suffix}"
 
 
-def same_settings(run: dict, ft: str, args) -> bool:
-    """Whether a stored fine-tuning run used the settings asked for now (--reuse keeps only those)."""
+def same_budget(run: dict, args) -> bool:
+    """Whether a stored fine-tuning run used the steps, batch, length and precision asked for now."""
     config = run["train_config"]
-    wanted_lr = learning_rate(ft, args)
     return (config["steps"], config["batch_size"], run["data"]["seq_len"], config["mixed_precision"]) == \
-        (args.steps, args.batch_size, args.seq_len, args.mixed_precision) and math.isclose(config["lr"], wanted_lr)
+        (args.steps, args.batch_size, args.seq_len, args.mixed_precision)
 
 
 def recovered_fraction(dense: float, pruned: float, tuned: float) -> float:
@@ -139,15 +138,7 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict) -> 
         f"Command: `.venv/bin/python benchmarks/recovery.py` ({meta['date']}).\n\n"
         + "\n".join(lines) + "\n\n![training loss](recovery_loss.png)"
     )
-    path = docs / "results.md"
-    text = path.read_text()
-    block = f"<!-- recovery:begin -->\n{body}\n<!-- recovery:end -->\n"
-    if "<!-- recovery:begin -->" in text:
-        head, rest = text.split("<!-- recovery:begin -->", 1)
-        text = head + block + rest.split("<!-- recovery:end -->\n", 1)[1]
-    else:
-        text += "\n" + block
-    path.write_text(text)
+    write_results_section("recovery", body)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -236,11 +227,11 @@ def main() -> int:
             run_child(me + ["--worker", "prune", method, pattern], WORK / f"pruned-{method}-{pattern}.log")
         pruned = json.loads(done.read_text())
         for ft in METHODS:
-            out = run_path(method, pattern, ft, learning_rate(ft, args))
-            if not (args.reuse and out.exists() and same_settings(json.loads(out.read_text()), ft, args)):
+            lr = learning_rate(ft, args)
+            out = run_path(method, pattern, ft, lr)  # the name holds the learning rate; the budget is checked
+            if not (args.reuse and out.exists() and same_budget(json.loads(out.read_text()), args)):
                 started = time.perf_counter()
-                run_child(me + ["--worker", "finetune", method, pattern, ft] + shared,
-                          run_path(method, pattern, ft, learning_rate(ft, args), ".log"))
+                run_child(me + ["--worker", "finetune", method, pattern, ft] + shared, run_path(method, pattern, ft, lr, ".log"))
                 print(f"{method}:{pattern}:{ft} done in {time.perf_counter() - started:.0f}s", flush=True)
             r = json.loads(out.read_text())
             if not r["pattern"]["identical"]:
@@ -274,7 +265,7 @@ def collect(dense: dict, args) -> tuple[list[dict], list[dict]]:
             for path in sorted(WORK.glob(f"ft-{method}-{pattern}-{ft}-lr*.json")):
                 r = json.loads(path.read_text())
                 lr = r["train_config"]["lr"]
-                if not same_settings(r, ft, argparse.Namespace(**{**vars(args), "lr": {ft: lr}})):
+                if not same_budget(r, args):
                     continue  # other steps, batch or precision
                 entry = {"perplexity": r["perplexity"]["perplexity"], "trainable": r["trainable"]["trainable"],
                          "per_mille": r["trainable"]["per_mille"], "step_seconds": r["median_step_seconds"],
