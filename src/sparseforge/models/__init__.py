@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ModelError
-from .base import FFNSpec, ModelAdapter, get_weight, in_features, is_prunable, set_weight
-from .families import ADAPTERS, GPT2Adapter, LlamaAdapter, OPTAdapter
+from .base import AttentionSpec, FFNSpec, ModelAdapter, get_weight, in_features, is_prunable, set_weight
+from .families import ADAPTERS, BertAdapter, GPT2Adapter, LlamaAdapter, OPTAdapter
 
 
 def supported_model_types() -> list[str]:
@@ -29,6 +29,8 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 
 
 __all__ = [
+    "AttentionSpec",
+    "BertAdapter",
     "FFNSpec",
     "GPT2Adapter",
     "LlamaAdapter",

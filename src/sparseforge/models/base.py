@@ -35,6 +35,36 @@ class FFNSpec:
         return {role: name for role, name in roles.items() if name}
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Where a block's attention projections are and how its heads are laid out.
+
+    Names are relative to the block. ``qkv`` names a fused projection (GPT-2's
+    c_attn: query, key and value stacked along the outputs, in that order); then
+    ``q``, ``k`` and ``v`` are None. Key/value head ``g`` serves query heads
+    ``g * group_size ... (g + 1) * group_size - 1`` (grouped-query attention;
+    ``num_kv_heads == num_heads`` is plain multi-head attention). With ``rope``,
+    rotary embeddings rotate the dimension pairs (j, j + head_dim / 2) of every
+    query and key head (the rotate-half convention of LLaMA-family models).
+    """
+
+    module: str  # the attention module, e.g. "self_attn"
+    q: str | None
+    k: str | None
+    v: str | None
+    o: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: bool = False
+    qkv: str | None = None
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+
 def is_prunable(module: nn.Module) -> bool:
     """A linear layer, or an adapter layer wrapping one (its ``base``)."""
     return isinstance(getattr(module, "base", module), (nn.Linear, Conv1D))
@@ -64,10 +94,18 @@ class ModelAdapter:
     #: grouped so that every member of a group reads the same input tensor
     linear_groups: tuple[tuple[str, ...], ...] = ()
     ffn: FFNSpec | None = None
+    #: causal decoder (LM head, KV cache) or bidirectional encoder
+    causal: bool = True
+    #: where the blocks are when the model declares no ``_no_split_modules`` (suffix of a module path)
+    blocks_path: str | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.blocks_name, self.blocks = find_blocks(model)
+        self.blocks_name, self.blocks = find_blocks(model, self.blocks_path)
+
+    def attention(self) -> AttentionSpec:
+        """The attention layout of every block (from the config: all blocks alike)."""
+        raise ModelError(f"{type(self).__name__} does not describe its attention: structured pruning needs it")
 
     @property
     def linear_names(self) -> list[str]:
@@ -109,12 +147,14 @@ class ModelAdapter:
                 raise ModelError(f"'{name}' in {type(block).__name__} is not a Linear layer")
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks, found from ``_no_split_modules``."""
+def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of blocks, found from ``_no_split_modules`` (or the adapter's ``blocks_path``)."""
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             if all(type(child).__name__ in block_classes for child in module):
+                return name, module
+            if blocks_path and (name == blocks_path or name.endswith("." + blocks_path)):
                 return name, module
     raise ModelError(
         f"cannot find the decoder blocks of {type(model).__name__}: it declares no "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import FFNSpec, ModelAdapter
+from .base import AttentionSpec, FFNSpec, ModelAdapter
 
 
 class LlamaAdapter(ModelAdapter):
@@ -18,6 +18,13 @@ class LlamaAdapter(ModelAdapter):
     ffn = FFNSpec(activation="silu_gated", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                   act="mlp.act_fn")
 
+    def attention(self) -> AttentionSpec:
+        c = self.model.config
+        heads = c.num_attention_heads
+        return AttentionSpec(module="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                             o="self_attn.o_proj", num_heads=heads, num_kv_heads=c.num_key_value_heads or heads,
+                             head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, rope=True)
+
 
 class OPTAdapter(ModelAdapter):
     model_types = ("opt",)
@@ -29,6 +36,13 @@ class OPTAdapter(ModelAdapter):
     )
     ffn = FFNSpec(activation="relu", up="fc1", down="fc2", act="activation_fn")
 
+    def attention(self) -> AttentionSpec:
+        c = self.model.config
+        heads = c.num_attention_heads
+        return AttentionSpec(module="self_attn", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                             o="self_attn.out_proj", num_heads=heads, num_kv_heads=heads,
+                             head_dim=c.hidden_size // heads)
+
 
 class GPT2Adapter(ModelAdapter):
     """GPT-2: fused q/k/v projection; its Conv1D layers are transposed Linears."""
@@ -37,5 +51,37 @@ class GPT2Adapter(ModelAdapter):
     linear_groups = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
     ffn = FFNSpec(activation="gelu", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act")
 
+    def attention(self) -> AttentionSpec:
+        c = self.model.config
+        return AttentionSpec(module="attn", q=None, k=None, v=None, qkv="attn.c_attn", o="attn.c_proj",
+                             num_heads=c.n_head, num_kv_heads=c.n_head, head_dim=c.n_embd // c.n_head)
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter)
+
+class BertAdapter(ModelAdapter):
+    """BERT-family encoders (BERT, MiniLM, RoBERTa): bidirectional, post-LayerNorm, GELU FFN."""
+
+    model_types = ("bert", "roberta")
+    causal = False
+    blocks_path = "encoder.layer"  # BERT declares no _no_split_modules
+    linear_groups = (
+        ("attention.self.query", "attention.self.key", "attention.self.value"),
+        ("attention.output.dense",),
+        ("intermediate.dense",),
+        ("output.dense",),
+    )
+    ffn = FFNSpec(activation="gelu", up="intermediate.dense", down="output.dense", act="intermediate.intermediate_act_fn")
+
+    def attention(self) -> AttentionSpec:
+        c = self.model.config
+        heads = c.num_attention_heads
+        return AttentionSpec(module="attention", q="attention.self.query", k="attention.self.key",
+                             v="attention.self.value", o="attention.output.dense", num_heads=heads,
+                             num_kv_heads=heads, head_dim=c.hidden_size // heads)
+
+    def context_length(self) -> int:
+        # position ids start after the padding index in RoBERTa; BERT uses them all
+        offset = 2 if self.model.config.model_type == "roberta" else 0
+        return int(self.model.config.max_position_embeddings) - offset
+
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter, BertAdapter)

@@ -32,7 +32,14 @@ ALPACA_PROMPT_WITH_INPUT = (
 
 
 class TrainExamples:
-    """Rows of equal length: ``input_ids``, ``labels``, ``attention_mask`` (n x seq_len each)."""
+    """Rows of equal length: ``input_ids``, ``labels``, ``attention_mask`` (n x seq_len each).
+
+    Subclasses for other tasks (sequence classification: one label per row) say
+    how many loss terms a batch holds and what else the model's forward takes.
+    """
+
+    #: keyword arguments for the model's forward besides the batch (a causal LM keeps no KV cache in training)
+    model_kwargs: dict = {"use_cache": False}
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, kind: str):
         if input_ids.shape[0] == 0:
@@ -48,6 +55,11 @@ class TrainExamples:
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids[rows], "labels": self.labels[rows], "attention_mask": self.attention_mask[rows]}
+
+    @staticmethod
+    def loss_units(batch: dict[str, torch.Tensor]) -> int:
+        """Loss terms in a batch: next-token targets that are not ignored."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def language_modelling(tokenizer, source: str, seq_len: int, text_field: str = "text") -> TrainExamples:

@@ -288,7 +288,7 @@ class Trainer:
 
     def _global_tokens(self, batches) -> int:
         """Loss tokens of this step over all micro-batches and processes."""
-        count = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=self.accelerator.device)
+        count = torch.tensor(sum(self.examples.loss_units(b) for b in batches), device=self.accelerator.device)
         return int(self.accelerator.reduce(count, "sum")) if self.accelerator.num_processes > 1 else int(count)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -331,11 +331,11 @@ class Trainer:
             step_tokens = max(self._global_tokens(batches), 1)
             loss_sum, tokens = 0.0, 0
             for j, batch in enumerate(batches):
-                micro_tokens = int((batch["labels"][:, 1:] != -100).sum())
+                micro_tokens = self.examples.loss_units(batch)
                 # all-reduce gradients only on the last micro-batch of a step
                 with acc.no_sync(self.model) if j < len(batches) - 1 else nullcontext():
                     with acc.autocast():
-                        loss = self.model(**batch, use_cache=False).loss
+                        loss = self.model(**batch, **self.examples.model_kwargs).loss
                     self._check_finite(loss)
                     # the model's loss is a mean over this micro-batch's tokens; weighting by its share
                     # of the step's tokens makes the step's gradient the mean over all of them (DDP
