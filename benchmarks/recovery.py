@@ -31,7 +31,7 @@ from pathlib import Path
 
 from common import ROOT, THREADS, WORK, run_child, write_results_section
 
-from sparseforge.recovery import DEFAULT_LR
+from sparseforge.methods import default_lr
 
 PRUNINGS = [(m, p) for m in ("wanda", "sparsegpt") for p in ("0.5", "2:4", "0.75", "2:8")]
 METHODS = ("spp", "lora-star")
@@ -80,7 +80,7 @@ def worker_finetune(method: str, pattern: str, ft: str, args) -> None:
 
 
 def learning_rate(ft: str, args) -> float:
-    return args.lr.get(ft) or DEFAULT_LR[ft]
+    return args.lr.get(ft) or default_lr(ft)
 
 
 def run_path(method: str, pattern: str, ft: str, lr: float, suffix: str = ".json") -> Path:
@@ -245,7 +245,7 @@ def main() -> int:
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
             "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "tokens": args.steps * args.batch_size * args.seq_len, "mixed_precision": args.mixed_precision,
-            "lr": {ft: DEFAULT_LR[ft] for ft in METHODS}}
+            "lr": {ft: default_lr(ft) for ft in METHODS}}
     if rows:
         write_docs(rows, sweep, dense, meta)
     return 0
@@ -274,12 +274,12 @@ def collect(dense: dict, args) -> tuple[list[dict], list[dict]]:
                 recovered = recovered_fraction(dense["perplexity"], pruned, entry["perplexity"])
                 sweep.append({"prune_method": method, "pattern": pattern, "method": ft, "lr": lr,
                               "pruned": pruned, "perplexity": entry["perplexity"], "recovered": recovered})
-                if math.isclose(lr, DEFAULT_LR[ft]):
+                if math.isclose(lr, default_lr(ft)):
                     row[ft], row["recovered"][ft] = entry, recovered
         if all(ft in row for ft in METHODS):
             rows.append(row)
     # the check is only worth a table where some run used another learning rate
-    checked = {(s["prune_method"], s["pattern"]) for s in sweep if not math.isclose(s["lr"], DEFAULT_LR[s["method"]])}
+    checked = {(s["prune_method"], s["pattern"]) for s in sweep if not math.isclose(s["lr"], default_lr(s["method"]))}
     return rows, [s for s in sweep if (s["prune_method"], s["pattern"]) in checked]
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
 from sparseforge.cli import main
 
@@ -52,9 +52,9 @@ def test_prune_errors(capsys, tiny_dir, extra, fragment):
 def test_missing_model_and_unknown_architecture(capsys, tmp_path):
     assert_error(capsys, ["prune", "--model", "/nonexistent/model", "--no-eval"], "not found")
     assert_error(capsys, ["eval", "--model", str(tmp_path / "none.gguf")], "not found")
-    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    assert_error(capsys, ["prune", "--model", str(tmp_path / "bert"), "--no-eval"], "add an adapter")
+    GPTNeoForCausalLM(GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+                                   max_position_embeddings=64)).save_pretrained(tmp_path / "neo")
+    assert_error(capsys, ["prune", "--model", str(tmp_path / "neo"), "--no-eval"], "add an adapter")
 
 
 def test_empty_and_short_text(capsys, tiny_dir, tmp_path):

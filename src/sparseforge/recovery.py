@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data import check_seq_len, fingerprint, load_windows
+from .data import check_seq_len
 from .errors import NumericalError
-from .eval.perplexity import perplexity
-from .measure import peak_rss_mb
+from .methods import RECOVERY, get_method_info
 from .models import get_adapter
 from .peft import (
     AdapterConfig,
@@ -30,12 +29,10 @@ from .peft import (
     trainable_report,
     zero_masks,
 )
-from .train import TrainConfig, Trainer, training_examples
+from .train import TrainConfig
+from .train.run import lm_data, run_training
 
 log = logging.getLogger(__name__)
-
-#: learning rates used when none is given (SPP: the paper's recipe scale; LoRA: its usual range)
-DEFAULT_LR = {"spp": 4e-3, "lora-star": 1e-3, "lora": 1e-3}
 
 
 @dataclass
@@ -88,54 +85,42 @@ def finetune(
     fields of TrainConfig (batch_size, grad_accum, lr, warmup, checkpoint_every, ...)."""
     adapter_config = AdapterConfig(method=method, rank=rank, spp_rank=spp_rank, scale=scale, lora_alpha=lora_alpha,
                                    targets=tuple(targets) if targets else None, seed=train_options.get("seed", 0))
-    train_options.setdefault("lr", DEFAULT_LR[method])
+    train_options.setdefault("lr", get_method_info(method, RECOVERY).defaults["lr"])
     config = TrainConfig(steps=steps, eval_first_last=False, **train_options)
     check_seq_len(seq_len, get_adapter(model).context_length())
     layers = target_layers(model, adapter_config.targets)  # a bad target fails before the data work
-    examples = training_examples(tokenizer, data, seq_len, text_field)
-    # held-out windows (eval_windows None = all) for the perplexity before, during and after
-    windows = load_windows(tokenizer, eval_data, "eval", seq_len, n=eval_windows, text_field=text_field) \
-        if evaluate else None
-    log.info("training data: %d %s rows of %d tokens from %s", len(examples), examples.kind, seq_len, data)
-
-    def periodic_eval(m) -> dict:
-        result = perplexity(m, windows, progress=False)
-        return {"perplexity": result["perplexity"], "nll": result["nll"]}
-
+    run_data = lm_data(tokenizer, data=data, eval_data=eval_data, seq_len=seq_len, text_field=text_field,
+                       eval_windows=eval_windows, evaluate=evaluate)
     masks_before = zero_masks(model, layers)
-    before = perplexity(model, windows, progress=progress) if windows is not None else None
-    wrapped = inject_adapters(model, adapter_config)
-    trainable = trainable_report(model)
-    log.info("%s: %d trainable parameters (%.2f per mille of %d)", method, trainable["trainable"],
-             trainable["per_mille"], trainable["model"])
-    train_fingerprint = fingerprint(examples.input_ids)
-    trainer = Trainer(model, examples, config, evaluate=periodic_eval if windows is not None else None, progress=progress,
-                      identity={"adapter": asdict(adapter_config), "train_fingerprint": train_fingerprint})
-    result = trainer.train(resume=resume)
-    model = trainer.unwrapped_model()
-    weights = adapter_state_dict(model)
-    merge_adapters(model)
-    pattern = compare_masks(masks_before, zero_masks(model, target_layers(model, adapter_config.targets)))
-    if method != "lora" and not pattern["identical"]:
-        raise NumericalError(f"{method} changed the zero pattern of {', '.join(pattern['layers_changed'][:3])}: "
-                             "a kept weight became exactly zero; rerun with another --seed")
-    after = perplexity(model, windows, progress=progress) if windows is not None else None
-    if before and after:
-        log.info("perplexity %.3f -> %.3f", before["perplexity"], after["perplexity"])
-    data_info = {"source": data, "kind": examples.kind, "rows": len(examples), "seq_len": seq_len,
-                 "tokens_per_step": config.batch_size * config.grad_accum * (seq_len - 1),
-                 "train_fingerprint": train_fingerprint,
-                 "eval": None if windows is None else {"source": eval_data, "windows": int(windows.shape[0]),
-                                                       "fingerprint": fingerprint(windows)}}
+    state = {}
+
+    def inject(m) -> dict:
+        state["wrapped"] = inject_adapters(m, adapter_config)
+        state["trainable"] = trainable_report(m)
+        t = state["trainable"]
+        log.info("%s: %d trainable parameters (%.2f per mille of %d)", method, t["trainable"], t["per_mille"], t["model"])
+        return None
+
+    def merge(m):
+        state["weights"] = adapter_state_dict(m)
+        merge_adapters(m)
+        state["pattern"] = compare_masks(masks_before, zero_masks(m, target_layers(m, adapter_config.targets)))
+        if method != "lora" and not state["pattern"]["identical"]:
+            raise NumericalError(f"{method} changed the zero pattern of {', '.join(state['pattern']['layers_changed'][:3])}: "
+                                 "a kept weight became exactly zero; rerun with another --seed")
+        return m, None
+
+    model, run = run_training(model, run_data, config, prepare=inject, finish=merge, progress=progress, resume=resume,
+                              identity={"adapter": asdict(adapter_config)})
+    data_info = {**run.data, "tokens_per_step": config.batch_size * config.grad_accum * (seq_len - 1)}
     adapter_dict = asdict(adapter_config)
-    adapter_dict["ranks_used"] = sorted({layer.rank for layer in wrapped.values()})
+    adapter_dict["ranks_used"] = sorted({layer.rank for layer in state["wrapped"].values()})
     return FinetuneReport(
-        method=method, adapter=adapter_dict, train_config=asdict(config), trainable=trainable, data=data_info,
-        perplexity_before=before, perplexity_after=after, pattern=pattern, history=result.history,
-        evaluations=result.evaluations, train_seconds=round(result.seconds, 3),
-        median_step_seconds=round(result.median_step_seconds(), 4), peak_rss_mb=round(peak_rss_mb(), 1),
-        training_peak_rss_mb={"before": result.peak_rss_before_mb, "after": result.peak_rss_mb},
-        resumed_from=result.resumed_from, adapter_weights=weights,
+        method=method, adapter=adapter_dict, train_config=run.train_config, trainable=state["trainable"], data=data_info,
+        perplexity_before=run.metrics_before, perplexity_after=run.metrics_after, pattern=state["pattern"],
+        history=run.history, evaluations=run.evaluations, train_seconds=run.train_seconds,
+        median_step_seconds=run.median_step_seconds, peak_rss_mb=run.peak_rss_mb,
+        training_peak_rss_mb=run.training_peak_rss_mb, resumed_from=run.resumed_from, adapter_weights=state["weights"],
     )
 
 

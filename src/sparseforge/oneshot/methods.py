@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..methods import ONE_SHOT, get_method_info
 from ..sparsity.pattern import Pattern
 from .magnitude import magnitude_prune
 from .sparsegpt import sparsegpt_prune
@@ -48,11 +48,12 @@ def _sparsegpt(weights, stats, patterns, options):
 
 @dataclass(frozen=True)
 class OneShotMethod:
+    """How the engine runs one method of the method index (sparseforge.methods)."""
+
     name: str
     #: statistics of the layer input the method needs: None, "sq_norms" or "hessian"
     stats_kind: str | None
     prune_group: GroupPruner
-    summary: str
     #: prunes a whole FFN jointly from its inputs (SparseLLM); other layers use prune_group
     joint_ffn: bool = False
 
@@ -60,17 +61,14 @@ class OneShotMethod:
 METHODS: dict[str, OneShotMethod] = {
     m.name: m
     for m in (
-        OneShotMethod("magnitude", None, _magnitude, "smallest |W| per layer; needs no data"),
-        OneShotMethod("wanda", "sq_norms", _wanda, "|W| x input norm, per output row; no update"),
-        OneShotMethod("sparsegpt", "hessian", _sparsegpt, "OBS mask + weight update from X X^T"),
-        OneShotMethod("sparsellm", "hessian", _sparsegpt, "FFNs pruned jointly (auxiliary variables), rest SparseGPT",
-                      joint_ffn=True),
+        OneShotMethod("magnitude", None, _magnitude),
+        OneShotMethod("wanda", "sq_norms", _wanda),
+        OneShotMethod("sparsegpt", "hessian", _sparsegpt),
+        OneShotMethod("sparsellm", "hessian", _sparsegpt, joint_ffn=True),
     )
 }
 
 
 def get_method(name: str) -> OneShotMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(f"unknown method '{name}': choose one of {', '.join(METHODS)}") from None
+    get_method_info(name, ONE_SHOT)  # an unknown name fails with the index's choices
+    return METHODS[name]

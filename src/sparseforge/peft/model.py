@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..methods import RECOVERY, get_method_info
 from ..models import get_adapter
 from ..models.base import get_weight
 from .layers import AdapterLinear, LoRALinear, SPPLinear, rows_per_block
 
 log = logging.getLogger(__name__)
 
-METHODS = ("spp", "lora-star", "lora")
 
 
 @dataclass
@@ -46,8 +46,7 @@ class AdapterConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"fine-tuning method '{self.method}' unknown: choose from {', '.join(METHODS)}")
+        get_method_info(self.method, RECOVERY)
         if not (math.isfinite(self.scale) and self.scale != 0):
             raise ConfigError(f"scale {self.scale} must be a finite non-zero number")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):

@@ -2,8 +2,8 @@
 
 Built on Hugging Face Accelerate, so ``accelerate launch`` runs it under DDP,
 FSDP or DeepSpeed with no code change. Methods plug in through callbacks (a
-schedule, a sparsifier re-applying masks after each optimizer step, ...), not
-by subclassing. The loop is deterministic given the seed: batches are a pure
+sparsifier reading sensitivities from the gradients before the optimizer step
+and re-applying masks after it, ...), not by subclassing. The loop is deterministic given the seed: batches are a pure
 function of (seed, step) and checkpoints hold the optimizer, scheduler, RNG
 and callback states, so a run killed and resumed ends with the same weights
 as one that was not.
@@ -98,6 +98,11 @@ class Callback:
     """Hooks into the loop. Override what you need; ``state_dict`` is checkpointed."""
 
     def on_train_begin(self, trainer: Trainer) -> None: ...
+
+    def on_gradients(self, trainer: Trainer) -> None:
+        """After backward and clipping, before the optimizer step: the step's gradients are in
+        ``.grad`` (a sparsifier reads its sensitivities here). ``trainer.step`` is the number
+        of steps done before this one."""
 
     def on_optimizer_step(self, trainer: Trainer) -> None:
         """After every optimizer step (e.g. a sparsifier re-applies its masks here)."""
@@ -350,6 +355,8 @@ class Trainer:
                 grad_norm = float(norm) if norm is not None else float("nan")
             else:
                 grad_norm = float("nan")
+            for c in self.callbacks:
+                c.on_gradients(self)
             lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()

@@ -1,0 +1,74 @@
+"""The method index: every method sparseforge implements, by name.
+
+One table says what kind each method is (one-shot pruning, recovery
+fine-tuning after pruning, or compression during training), what it does in
+a line, and its defaults. The CLI builds its choices and help from it; the
+API modules read their defaults from it. Nothing else lists method names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+ONE_SHOT = "one-shot"
+RECOVERY = "recovery"
+TRAIN_TIME = "train-time"
+KINDS = (ONE_SHOT, RECOVERY, TRAIN_TIME)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    kind: str
+    summary: str
+    #: defaults that differ between methods of one kind (e.g. the learning rate)
+    defaults: dict = field(default_factory=dict)
+    #: the family a baseline belongs to (e.g. "losparse" for itp / lowrank): they share an entry point
+    family: str | None = None
+
+
+_ALL = (
+    MethodInfo("magnitude", ONE_SHOT, "smallest |W| per layer; needs no data"),
+    MethodInfo("wanda", ONE_SHOT, "|W| x input norm, per output row; no update"),
+    MethodInfo("sparsegpt", ONE_SHOT, "OBS mask + weight update from X X^T"),
+    MethodInfo("sparsellm", ONE_SHOT, "FFNs pruned jointly (auxiliary variables), rest SparseGPT"),
+    MethodInfo("spp", RECOVERY, "sparsity-preserving adapters: W + A*beta*W keeps every zero", {"lr": 4e-3}),
+    MethodInfo("lora-star", RECOVERY, "LoRA merged, then the original zero pattern re-applied", {"lr": 1e-3}),
+    MethodInfo("lora", RECOVERY, "plain LoRA merged (fills the zeros in; shown for comparison)", {"lr": 1e-3}),
+    MethodInfo("losparse", TRAIN_TIME, "W = U V + S, S's output rows pruned by sensitivity on a cubic schedule",
+               {"lr": 1e-4}, family="losparse"),
+    MethodInfo("itp", TRAIN_TIME, "the same scores and schedule on the rows of W itself (no low-rank part)",
+               {"lr": 1e-4}, family="losparse"),
+    MethodInfo("lowrank", TRAIN_TIME, "U V only, the rank chosen to spend the same budget", {"lr": 1e-4},
+               family="losparse"),
+    MethodInfo("dense", TRAIN_TIME, "plain fine-tuning of every weight (the quality ceiling)", {"lr": 1e-4},
+               family="dense"),
+)
+
+METHODS: dict[str, MethodInfo] = {m.name: m for m in _ALL}
+
+
+def method_names(kind: str | None = None) -> list[str]:
+    """Names of the methods of one kind (all if None), in the index's order."""
+    return [m.name for m in _ALL if kind is None or m.kind == kind]
+
+
+def get_method_info(name: str, kind: str | None = None) -> MethodInfo:
+    """The index entry of ``name``; with ``kind``, it must be of that kind."""
+    info = METHODS.get(name)
+    if info is None or (kind is not None and info.kind != kind):
+        kind_text = f" ({kind})" if kind else ""
+        raise ConfigError(f"unknown method '{name}'{kind_text}: choose one of {', '.join(method_names(kind))}")
+    return info
+
+
+def default_lr(name: str) -> float:
+    """The learning rate a method trains with when none is given."""
+    return get_method_info(name).defaults["lr"]
+
+
+def methods_help(kind: str) -> str:
+    """'a | b | c' with one-line summaries, for CLI help."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in _ALL if m.kind == kind)
