@@ -25,13 +25,24 @@ SPLITS = ("train", "eval")
 DOC_SEPARATOR = "\n\n"
 
 
-def wiki_articles(split: str) -> list[tuple[str, str]]:
-    """(title, lead) of the embedded Wikipedia articles of one split (train: 9 of every 10 by title)."""
+def wiki_records(split: str) -> list[dict]:
+    """{"title", "text", "topic"} of the embedded Wikipedia articles of one split (train: 9 of every 10 by title).
+
+    The one definition of the ``wiki`` split: articles sorted by title, every 10th held out for
+    evaluation, articles without a lead dropped. ``topic`` is the article's vital-article topic
+    ("Uncategorized" when it has none).
+    """
     articles = json.loads(wiki_summaries_json().read_text(encoding="utf-8"))
     ordered = sorted(articles.values(), key=lambda a: a["title"])
     held_out = split == "eval"
-    chosen = [(a["title"], a.get("extract", "").strip()) for i, a in enumerate(ordered) if (i % 10 == 9) == held_out]
-    return [(title, text) for title, text in chosen if text]
+    chosen = [{"title": a["title"], "text": a.get("extract", "").strip(), "topic": a.get("topic") or "Uncategorized"}
+              for i, a in enumerate(ordered) if (i % 10 == 9) == held_out]
+    return [record for record in chosen if record["text"]]
+
+
+def wiki_articles(split: str) -> list[tuple[str, str]]:
+    """(title, lead) of the embedded Wikipedia articles of one split (train: 9 of every 10 by title)."""
+    return [(record["title"], record["text"]) for record in wiki_records(split)]
 
 
 def wiki_documents(split: str) -> list[str]:
