@@ -25,9 +25,12 @@ class MethodInfo:
     summary: str
     #: defaults that differ between methods of one kind (e.g. the learning rate)
     defaults: dict = field(default_factory=dict)
-    #: the family a baseline belongs to (e.g. "losparse" for itp / lowrank): they share an entry point
-    family: str | None = None
+    #: train-time methods: "module:function" building the method object, ``build(name, steps, options)``;
+    #: baselines share their family's entry point (itp and lowrank are LoSparse's)
+    entry: str | None = None
 
+
+_LOSPARSE = "sparseforge.lowrank.method:build_method"
 
 _ALL = (
     MethodInfo("magnitude", ONE_SHOT, "smallest |W| per layer; needs no data"),
@@ -38,13 +41,13 @@ _ALL = (
     MethodInfo("lora-star", RECOVERY, "LoRA merged, then the original zero pattern re-applied", {"lr": 1e-3}),
     MethodInfo("lora", RECOVERY, "plain LoRA merged (fills the zeros in; shown for comparison)", {"lr": 1e-3}),
     MethodInfo("losparse", TRAIN_TIME, "W = U V + S, S's output rows pruned by sensitivity on a cubic schedule",
-               {"lr": 1e-4}, family="losparse"),
+               {"lr": 1e-4}, entry=_LOSPARSE),
     MethodInfo("itp", TRAIN_TIME, "the same scores and schedule on the rows of W itself (no low-rank part)",
-               {"lr": 1e-4}, family="losparse"),
+               {"lr": 1e-4}, entry=_LOSPARSE),
     MethodInfo("lowrank", TRAIN_TIME, "U V only, the rank chosen to spend the same budget", {"lr": 1e-4},
-               family="losparse"),
+               entry=_LOSPARSE),
     MethodInfo("dense", TRAIN_TIME, "plain fine-tuning of every weight (the quality ceiling)", {"lr": 1e-4},
-               family="dense"),
+               entry="sparseforge.training:build_dense"),
 )
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in _ALL}
@@ -62,6 +65,15 @@ def get_method_info(name: str, kind: str | None = None) -> MethodInfo:
         kind_text = f" ({kind})" if kind else ""
         raise ConfigError(f"unknown method '{name}'{kind_text}: choose one of {', '.join(method_names(kind))}")
     return info
+
+
+def build_train_method(name: str, steps: int, options: dict | None = None):
+    """The method object of a train-time method (prepare / callbacks / finish), from its entry point."""
+    import importlib
+
+    info = get_method_info(name, TRAIN_TIME)
+    module, _, function = info.entry.partition(":")
+    return getattr(importlib.import_module(module), function)(name, steps, dict(options or {}))
 
 
 def default_lr(name: str) -> float:

@@ -100,20 +100,25 @@ class RunReport:
 
 
 def run_training(model, run_data: RunData, config: TrainConfig, *, prepare: Callable | None = None,
-                 finish: Callable | None = None, callbacks: tuple[Callback, ...] | list = (), identity: dict | None = None,
+                 finish: Callable | None = None, callbacks: list[Callback] | Callable[[], list[Callback]] = (),
+                 identity: dict | None = None,
                  resume=None, progress: bool = True):
     """Evaluate, ``prepare(model)``, train, ``finish(model)``, evaluate. Returns ``(model, RunReport)``.
 
     ``prepare(model) -> dict | None`` changes the model before training (its dict goes to
     ``report.method``); ``finish(model) -> (model, dict | None)`` after it (it may return a
     new model, e.g. a compact one). The trainer evaluates every ``config.eval_every`` steps;
-    the run itself evaluates before ``prepare`` and after ``finish``.
+    the run itself evaluates before ``prepare`` and after ``finish``. ``callbacks`` may be a
+    function returning them, called after ``prepare`` (a method's callbacks often need the
+    prepared model).
     """
     evaluate = run_data.evaluate
     before = evaluate(model, progress=progress) if evaluate else None
     method_info = dict((prepare(model) if prepare else None) or {})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    if callable(callbacks):
+        callbacks = callbacks()
     trainer = Trainer(model, run_data.examples, config,
                       evaluate=(lambda m: evaluate(m, progress=False)) if evaluate else None,
                       callbacks=callbacks, progress=progress,
