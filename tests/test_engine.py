@@ -144,9 +144,9 @@ def test_bad_settings_raise_config_errors(calib_windows):
 
 
 def test_unknown_architecture_names_the_fix():
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    model = BertForMaskedLM(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, intermediate_size=64))
+    model = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
+                                           attention_types=[[["global"], 2]], max_position_embeddings=64))
     with pytest.raises(ModelError, match="add an adapter"):
         get_adapter(model)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 VOCAB = 128
 
@@ -25,7 +34,17 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config)
 
 
+def tiny_bert(num_labels: int = 3):
+    """A BERT encoder with a sequence-classification head (bidirectional: not in TINY_MODELS)."""
+    config = BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=256, num_labels=num_labels)
+    return BertForSequenceClassification(config)
+
+
+#: causal language models: every one-shot test runs over these
 TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
+#: encoders, for classification
+TINY_ENCODERS = {"bert": tiny_bert}
 
 
 def correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

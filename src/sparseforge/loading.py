@@ -1,25 +1,44 @@
 """Model loading: a local HF directory, a GGUF file (converted once to a cached
-safetensors directory), a hub id already in the local cache, or the embedded default."""
+safetensors directory), a hub id already in the local cache, or an embedded default
+(SmolLM2-135M for language modelling, MiniLM for classification).
+
+Two tasks: "lm" (a causal language model) and "classify" (a sequence classifier:
+the model's own head if it was saved as one, else a newly initialised head).
+A directory whose ``sparseforge.json`` holds a "structure" manifest (compact or
+physically smaller modules) is rebuilt from its config and that manifest, then its
+safetensors weights are loaded strictly."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
 
-from .assets import cache_dir, embedded_model_gguf
+from .assets import cache_dir, embedded_encoder_dir, embedded_model_gguf
 from .errors import ConfigError, ModelError
-from .models import get_adapter
+from .export import METADATA_FILE
+from .models import adapter_class, get_adapter
+from .models.modules import apply_config_overrides, apply_structure
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TASKS = ("lm", "classify")
+#: the source name of the embedded encoder (all-MiniLM-L6-v2); write "./encoder" for a directory of that name
+ENCODER_SOURCE = "encoder"
 
 
 def _file_digest(path: Path) -> str:
@@ -79,23 +98,239 @@ def resolve_model_dir(source: str | os.PathLike | None) -> tuple[str, dict]:
     return str(source), {"local_files_only": True}
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: str = "float32"):
-    """Load ``(model, tokenizer)`` for pruning. ``source=None`` is the embedded SmolLM2-135M."""
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _is_classifier(config) -> bool:
+    return any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or ()))
+
+
+def _label_settings(num_labels: int | None, label_names: Sequence[str] | None) -> tuple[int | None, list[str] | None]:
+    names = None
+    if label_names is not None:
+        if isinstance(label_names, str):
+            raise ConfigError(f"label names '{label_names}' must be a list of names, not one string: split it")
+        names = [str(n) for n in label_names]
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ConfigError(f"label names {names} must be at least two distinct names: fix the list")
+        if num_labels is not None and num_labels != len(names):
+            raise ConfigError(f"--num-labels {num_labels} disagrees with the {len(names)} label names: give one of them")
+        num_labels = len(names)
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2):
+        raise ConfigError(f"--num-labels {num_labels} must be an integer of at least 2 (one output would be regression)")
+    return num_labels, names
+
+
+def _model_class(config, task: str, name: str):
+    """The Auto class for ``task``; every architecture/task mismatch is one ModelError line."""
+    model_type = getattr(config, "model_type", None)
+    archs = getattr(config, "architectures", None) or []
+    if task == "classify":
+        if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+            raise ModelError("--task classify needs a model type with a sequence-classification head "
+                             f"(e.g. bert, llama, opt, gpt2); {model_type} has none")
+        adapter_class(model_type, archs[0] if archs else None)  # unsupported families fail before the load
+        return AutoModelForSequenceClassification
+    if _is_classifier(config):
+        raise ModelError(f"{name} holds a sequence classifier ({archs[0]}), not a language model: load it with --task classify")
+    adapter = adapter_class(model_type, archs[0] if archs else None)
+    if not adapter.causal or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"{name} is a {model_type} encoder with no causal language-model head: load it with --task classify")
+    return AutoModelForCausalLM
+
+
+def _set_labels(config, num_labels: int | None, names: list[str] | None, name: str) -> None:
+    if _is_classifier(config) and num_labels is not None and num_labels != config.num_labels:
+        raise ModelError(f"{name} has a {config.num_labels}-label classifier head, not {num_labels}: "
+                         "omit --num-labels/--label-names to keep it, or start from the model it was trained from")
+    if num_labels is not None:
+        config.num_labels = num_labels
+    if names is not None:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {n: i for i, n in enumerate(names)}
+
+
+def _set_pad_token(config, tokenizer, name: str) -> None:
+    """Decoder classifiers pool the last non-pad token: they need config.pad_token_id for batches."""
+    if getattr(config, "pad_token_id", None) is not None:
+        return
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ModelError(f"the tokenizer of {name} has neither a pad nor an eos token; classifying batches needs one: "
+                         "add a pad token to the tokenizer")
+    config.pad_token_id = pad
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers logs a multi-line table of missing/unexpected keys; we log one line instead."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _keys(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _is_head_key(model, key: str) -> bool:
+    prefix = getattr(model, "base_model_prefix", "")
+    return not (prefix and key.startswith(prefix + "."))
+
+
+def _report_load(model, info: dict, name: str, task: str) -> None:
+    mismatched = info.get("mismatched_keys") or set()
+    if mismatched:
+        shown = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in sorted(mismatched, key=lambda m: m[0])]
+        raise ModelError(f"the weights in {name} do not match its config.json ({_keys(shown, 3)}): a model with "
+                         f"compact or shrunk layers needs the \"structure\" manifest of its {METADATA_FILE}; save it with sparseforge")
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    head = {k for k in missing if _is_head_key(model, k)} if task == "classify" else set()
+    if head:
+        log.info("newly initialised classifier head (%d labels): %s", model.config.num_labels, _keys(head))
+    if missing - head:
+        log.warning("%d weights missing from %s, newly initialised: %s", len(missing - head), name, _keys(missing - head))
+    if unexpected:
+        log.info("ignored %d weights of %s that the %s model does not use: %s", len(unexpected), name, task, _keys(unexpected))
+
+
+def _structure_manifest(name: str) -> dict | None:
+    meta_path = Path(name) / METADATA_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {meta_path} ({_one_line(e)}): fix the file or delete it") from None
+    manifest = meta.get("structure") if isinstance(meta, dict) else None
+    if not manifest:
+        return None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"the \"structure\" of {meta_path} is not a mapping: the file is damaged; save the model again")
+    return manifest if manifest.get("modules") or manifest.get("config") else None
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"cannot read {index} ({_one_line(e)}): the model directory is damaged; save it again") from None
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+    else:
+        raise ModelError(f"{model_dir} has no model.safetensors (nor its index): a structured model loads from safetensors "
+                         "only; save it again with sparseforge")
+    state = {}
+    for path in files:
+        if not path.is_file():
+            raise ModelError(f"weight file {path} is missing: the model directory is incomplete; copy or save it again")
+        state.update(load_file(path))
+    return state
+
+
+def _load_structured(model_cls, name: str, config, manifest: dict, dtype: torch.dtype, task: str):
+    """Build from the config, put the recorded modules in, load the weights strictly (tied keys excepted)."""
+    new_head = task == "classify" and not _is_classifier(config)  # a saved language model gets a new classifier head
+    apply_config_overrides(config, manifest)
+    model = model_cls.from_config(config, dtype=dtype)
+    apply_structure(model, manifest, dtype)
+    state = _read_safetensors(Path(name))
+    tensors = model.state_dict(keep_vars=True)
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(tensors[k].shape)}" for k, v in state.items()
+             if k in tensors and v.shape != tensors[k].shape]
+    if wrong:
+        raise ModelError(f"the weights in {name} do not fit the model rebuilt from its {METADATA_FILE} structure "
+                         f"({_keys(wrong, 3)}): the weights and the manifest disagree; save the model again")
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
+    tensors = model.state_dict(keep_vars=True)
+    loaded = set(tensors) - missing
+    missing = {k for k in missing if not any(tensors[j] is tensors[k] for j in loaded)}  # tied to a loaded tensor: fine
+    head = {k for k in missing if _is_head_key(model, k)} if new_head else set()
+    if new_head:
+        unexpected = {k for k in unexpected if not _is_head_key(model, k)}  # the language-model head, unused
+    if missing - head or unexpected:
+        parts = ([f"missing {_keys(missing - head)}"] if missing - head else []) + \
+                ([f"unexpected {_keys(unexpected)}"] if unexpected else [])
+        raise ModelError(f"the weights in {name} do not fit the model rebuilt from its {METADATA_FILE} structure "
+                         f"({'; '.join(parts)}): the weights and the manifest disagree; save the model again")
+    if head:
+        log.info("newly initialised classifier head (%d labels): %s", model.config.num_labels, _keys(head))
+    return model
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", task: str | None = None,
+               num_labels: int | None = None, label_names: Sequence[str] | None = None):
+    """Load ``(model, tokenizer)``.
+
+    source: a local HF directory, a ``.gguf`` file, a hub id in the local cache,
+        "encoder" (the embedded all-MiniLM-L6-v2 BERT encoder) or None (the embedded
+        SmolLM2-135M for task "lm", the embedded encoder for task "classify").
+    task: "lm" (causal language model), "classify" (sequence classifier) or None:
+        inferred from the saved ``architectures`` (…ForSequenceClassification ->
+        classify, else lm); "encoder" and given labels mean classify.
+    num_labels, label_names: the classifier's outputs (label names set id2label /
+        label2id). A head that the checkpoint lacks is newly initialised: seed first.
+    """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' unknown: choose from {', '.join(DTYPES)}")
-    name, extra = resolve_model_dir(source)
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"task '{task}' unknown: choose from {', '.join(TASKS)}")
+    num_labels, names = _label_settings(num_labels, label_names)
+    if num_labels is not None:
+        if task == "lm":
+            raise ConfigError("--num-labels/--label-names are for --task classify; drop them or change the task")
+        task = "classify"
+    if isinstance(source, str) and source == ENCODER_SOURCE:
+        name, extra = str(embedded_encoder_dir()), {}
+        task = task or "classify"
+    elif source is None and task == "classify":
+        name, extra = str(embedded_encoder_dir()), {}
+    else:
+        name, extra = resolve_model_dir(source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[dtype], **extra)
+        config = AutoConfig.from_pretrained(name, **extra)
+        task = task or ("classify" if _is_classifier(config) else "lm")
+        model_cls = _model_class(config, task, name)
         tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+        if task == "classify":
+            _set_labels(config, num_labels, names, name)
+            if adapter_class(config.model_type).causal:
+                _set_pad_token(config, tokenizer, name)
+        manifest = _structure_manifest(name) if Path(name).is_dir() else None
+        if manifest is not None:
+            model = _load_structured(model_cls, name, config, manifest, DTYPES[dtype], task)
+        else:
+            with _quiet_load_report():
+                model, info = model_cls.from_pretrained(name, config=config, dtype=DTYPES[dtype], ignore_mismatched_sizes=True,
+                                                        output_loading_info=True, **extra)
+            _report_load(model, info, name, task)
     except OSError as e:
         if extra.get("local_files_only"):
             raise ModelError(
                 f"hub id '{source}' is not in the local Hugging Face cache and there is no network: "
                 "download it where there is (`hf download ...`) or pass a local directory"
             ) from None
-        raise ModelError(f"cannot load model from {name}: {e}") from None
-    except ValueError as e:
-        raise ModelError(f"cannot load model from {name}: {e}") from None
+        raise ModelError(f"cannot load model from {name}: {_one_line(e)}") from None
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ModelError(f"cannot load model from {name}: {_one_line(e)}") from None
     get_adapter(model)  # unsupported architectures fail here, before any work
     model.eval()
     return model, tokenizer

@@ -1,34 +1,31 @@
-"""Adapter lookup: model -> the adapter of its architecture family."""
+"""Architecture knowledge: adapters per family (where blocks, attention, FFN, linears are) and module surgery."""
 
 from __future__ import annotations
 
-from torch import nn
-
-from ..errors import ModelError
-from .base import AttentionSpec, FFNSpec, ModelAdapter, get_weight, in_features, is_prunable, set_weight
-from .families import ADAPTERS, BertAdapter, GPT2Adapter, LlamaAdapter, OPTAdapter
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for adapter in ADAPTERS for t in adapter.model_types)
-
-
-def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, chosen by ``config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for adapter_cls in ADAPTERS:
-        if model_type in adapter_cls.model_types:
-            adapter = adapter_cls(model)
-            adapter.check()
-            return adapter
-    raise ModelError(
-        f"unsupported architecture {type(model).__name__} (model_type '{model_type}'): "
-        f"supported are {', '.join(supported_model_types())}; add an adapter in "
-        "sparseforge/models/families.py listing its block's linear layers"
-    )
-
+from .base import (
+    AttentionSpec,
+    FFNSpec,
+    ModelAdapter,
+    ReparametrisedLinear,
+    get_weight,
+    in_features,
+    is_prunable,
+    is_reparametrised,
+    set_weight,
+)
+from .families import ADAPTERS, BertAdapter, GPT2Adapter, LlamaAdapter, OPTAdapter, adapter_class, get_adapter, supported_model_types
+from .modules import (
+    STRUCTURE_CLASSES,
+    apply_structure,
+    block_linears,
+    register_structure_class,
+    replace_module,
+    structure_manifest,
+)
 
 __all__ = [
+    "ADAPTERS",
+    "STRUCTURE_CLASSES",
     "AttentionSpec",
     "BertAdapter",
     "FFNSpec",
@@ -36,10 +33,18 @@ __all__ = [
     "LlamaAdapter",
     "ModelAdapter",
     "OPTAdapter",
+    "ReparametrisedLinear",
+    "adapter_class",
+    "apply_structure",
+    "block_linears",
     "get_adapter",
     "get_weight",
     "in_features",
     "is_prunable",
+    "is_reparametrised",
+    "register_structure_class",
+    "replace_module",
     "set_weight",
+    "structure_manifest",
     "supported_model_types",
 ]

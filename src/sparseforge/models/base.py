@@ -9,6 +9,7 @@ from the model's ``_no_split_modules``, as Accelerate does for device maps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -65,24 +66,56 @@ class AttentionSpec:
         return self.num_heads // self.num_kv_heads
 
 
+@runtime_checkable
+class ReparametrisedLinear(Protocol):
+    """A linear layer whose weight is computed from other parameters (LoSparse's U V + S, a compact layer).
+
+    It has no ``.weight``: ``dense_weight()`` materialises the (out x in) weight it applies,
+    so statistics and evaluation see it like a Linear. Writing a weight into it is not
+    possible (``set_weight`` refuses); the method that owns it updates its factors.
+    """
+
+    in_features: int
+    out_features: int
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out x in) weight the layer applies, computed from its parameters."""
+        ...
+
+
+def is_reparametrised(module: nn.Module) -> bool:
+    return isinstance(module, ReparametrisedLinear) and not isinstance(module, (nn.Linear, Conv1D))
+
+
 def is_prunable(module: nn.Module) -> bool:
-    """A linear layer, or an adapter layer wrapping one (its ``base``)."""
-    return isinstance(getattr(module, "base", module), (nn.Linear, Conv1D))
+    """A linear layer, a reparametrised linear, or an adapter layer wrapping either (its ``base``)."""
+    inner = getattr(module, "base", module)
+    return isinstance(inner, (nn.Linear, Conv1D)) or is_reparametrised(inner)
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:
-    """The weight in (out x in) layout; GPT-2's Conv1D stores it transposed."""
+    """The weight in (out x in) layout; GPT-2's Conv1D stores it transposed; a reparametrised
+    linear computes it (a new tensor, not a view of a parameter)."""
+    if is_reparametrised(module):
+        return module.dense_weight()
     return module.weight.T if isinstance(module, Conv1D) else module.weight
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an (out x in) weight back in the module's own layout and dtype."""
+    if is_reparametrised(module):
+        raise ModelError(
+            f"cannot write a weight into {type(module).__name__}: its weight is computed from its factors; "
+            "update the factors, or replace the layer with a plain nn.Linear of its dense_weight() first"
+        )
     target = module.weight
     with torch.no_grad():
         target.copy_(weight.T if isinstance(module, Conv1D) else weight)
 
 
 def in_features(module: nn.Module) -> int:
+    if is_reparametrised(module):
+        return int(module.in_features)
     return get_weight(module).shape[1]
 
 
@@ -144,7 +177,8 @@ class ModelAdapter:
                     "this checkpoint differs from its family: write an adapter for it"
                 ) from None
             if not is_prunable(module):
-                raise ModelError(f"'{name}' in {type(block).__name__} is not a Linear layer")
+                raise ModelError(f"'{name}' in {type(block).__name__} is not a Linear layer "
+                                 f"(nor a reparametrised one with dense_weight()): {type(module).__name__}")
 
 
 def find_blocks(model: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from torch import nn
+
+from ..errors import ModelError
 from .base import AttentionSpec, FFNSpec, ModelAdapter
 
 
@@ -85,3 +88,27 @@ class BertAdapter(ModelAdapter):
 
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter, GPT2Adapter, BertAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for adapter in ADAPTERS for t in adapter.model_types)
+
+
+def adapter_class(model_type: str | None, class_name: str | None = None) -> type[ModelAdapter]:
+    """The adapter class for a ``config.model_type``; a one-line ModelError if there is none."""
+    for adapter_cls in ADAPTERS:
+        if model_type in adapter_cls.model_types:
+            return adapter_cls
+    what = f"{class_name} (model_type '{model_type}')" if class_name else f"model_type '{model_type}'"
+    raise ModelError(
+        f"unsupported architecture {what}: supported are {', '.join(supported_model_types())}; "
+        "add an adapter in sparseforge/models/families.py listing its block's linear layers"
+    )
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, chosen by ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    adapter = adapter_class(model_type, type(model).__name__)(model)
+    adapter.check()
+    return adapter
