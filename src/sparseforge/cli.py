@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, SparseforgeError
+from .methods import ONE_SHOT, RECOVERY, TRAIN_TIME, method_names, methods_help
 
 log = logging.getLogger("sparseforge")
 
@@ -27,12 +28,45 @@ def _add_model_args(p, model_help="local HF directory, .gguf file or cached hub 
                    help="dtype the model is loaded in (statistics are float32 always)")
 
 
-def _add_eval_args(p):
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+def _add_eval_args(p, seq_len_help: str = "tokens per window (default 512)", seq_len: int | None = 512):
+    p.add_argument("--seq-len", type=int, default=seq_len, help=seq_len_help)
     p.add_argument("--eval-windows", type=int, default=40,
                    help="evaluate on the first N held-out windows; 0 = all (default 40)")
     p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward")
     p.add_argument("--text-field", default="text", help="text field of JSONL / dataset sources")
+
+
+def _add_training_args(p, lr_help: str, weight_decay: float):
+    """The optimisation flags every training command shares (fields of train.TrainConfig)."""
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help=lr_help)
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay on matrices (default {weight_decay:g})")
+    p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps (default 0.03)")
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, dropout and batch order")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
+                   help="autocast compute (bf16 on CPUs with AVX-512 BF16 / recent GPUs)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before and after only)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: never)")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUTPUT.checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+
+
+def _training_options(args) -> dict:
+    """TrainConfig fields from the shared training flags (the checkpoint directory defaults beside --output)."""
+    checkpoint_dir = args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
+    options = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
+                   warmup=args.warmup, schedule=args.schedule, seed=args.seed, mixed_precision=args.mixed_precision,
+                   gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
+                   checkpoint_every=args.checkpoint_every, checkpoint_dir=checkpoint_dir)
+    if args.lr is not None:
+        options["lr"] = args.lr
+    if args.resume and not checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir or --output")
+    return options
 
 
 def _override(text: str) -> tuple[str, str]:
@@ -51,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="one-shot prune a model on calibration text",
                        description="One-shot pruning, block by block. " + PATTERN_HELP)
     _add_model_args(p)
-    p.add_argument("--method", default="sparsegpt", help="magnitude | wanda | sparsegpt | sparsellm (default sparsegpt)")
+    p.add_argument("--method", default="sparsegpt", help=methods_help(ONE_SHOT) + " (default sparsegpt)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", default=None, help="fraction of zeros per layer, in [0, 1) (default 0.5)")
     target.add_argument("--pattern", default=None, help=PATTERN_HELP)
@@ -86,34 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pattern is unchanged. With --prune, prune first (one command: prune -> fine-tune "
                                    "-> evaluate). Runs under `accelerate launch` for several devices.")
     _add_model_args(p, "pruned model directory (default: embedded SmolLM2-135M, then give --prune)")
-    p.add_argument("--method", default="spp", help="spp | lora-star | lora (default spp)")
+    p.add_argument("--method", default="spp", choices=method_names(RECOVERY), help=methods_help(RECOVERY))
     p.add_argument("--data", default="wiki",
                    help="training text: wiki | FILE.txt | FILE.jsonl (text, or Alpaca instruction/input/output) | dataset dir")
     p.add_argument("--eval-data", default="wiki", help="held-out text for the perplexity before and after")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (default 4)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 4e-3 SPP, 1e-3 LoRA)")
-    p.add_argument("--weight-decay", type=float, default=1e-3, help="AdamW weight decay on matrices (default 1e-3)")
-    p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps (default 0.03)")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    _add_training_args(p, lr_help="peak learning rate (default 4e-3 SPP, 1e-3 LoRA)", weight_decay=1e-3)
     p.add_argument("--rank", type=int, default=None,
                    help="SPP row blocks r (default 16) / LoRA rank (default: matched to SPP's parameter count)")
     p.add_argument("--scale", type=float, default=1.0, help="SPP delta scale (default 1)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank, i.e. scale 1)")
     p.add_argument("--targets", default=None,
                    help="comma-separated layer names in the blocks, e.g. 'q_proj,v_proj' (default: every linear)")
-    p.add_argument("--seed", type=int, default=0, help="seed of adapter init and batch order")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="autocast compute (bf16 on CPUs with AVX-512 BF16 / recent GPUs)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before and after only)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: never)")
-    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUTPUT.checkpoints)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--save-adapter", action="store_true", help="also save the adapter weights (adapter.safetensors)")
     p.add_argument("--prune", default=None, metavar="METHOD",
-                   help="prune first with this one-shot method (wanda | sparsegpt | sparsellm | magnitude)")
+                   help=f"prune first with this one-shot method ({' | '.join(method_names(ONE_SHOT))})")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--sparsity", default=None, help="with --prune: fraction of zeros (default 0.5)")
     target.add_argument("--pattern", default=None, help="with --prune: " + PATTERN_HELP)
@@ -124,10 +144,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
 
-    p = sub.add_parser("eval", help="perplexity of a model on held-out text")
-    _add_model_args(p, "model directory, .gguf or cached hub id (default: embedded SmolLM2-135M)")
-    p.add_argument("--data", default="wiki", help="wiki | FILE.txt | FILE.jsonl | saved dataset dir")
-    _add_eval_args(p)
+    p = sub.add_parser("train", help="compress a model while training it (LoSparse, ITP, low-rank) or fine-tune it dense",
+                       description="Train with a train-time method: the model is compressed while it learns the task, "
+                                   "and the output is the compact model (physically fewer parameters). "
+                                   + methods_help(TRAIN_TIME))
+    _add_model_args(p, "model directory, .gguf, cached hub id, or 'encoder' (the embedded MiniLM); "
+                       "default: embedded SmolLM2 for --task lm, MiniLM for --task classify")
+    p.add_argument("--method", default="losparse", choices=method_names(TRAIN_TIME), help="default losparse")
+    p.add_argument("--task", default="lm", choices=["lm", "classify"],
+                   help="lm: next-token prediction, perplexity; classify: one label per text, accuracy and macro-F1")
+    p.add_argument("--data", default=None,
+                   help="lm: wiki | FILE.txt | FILE.jsonl | dataset dir (default wiki); classify: wiki-topics | "
+                        "FILE.jsonl | FILE.csv | dataset dir (default wiki-topics)")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out data (lm default: wiki's held-out split; classify default: every 10th record of --data, "
+                        "or wiki-topics' held-out split)")
+    p.add_argument("--label-field", default="label", help="label field of classification data (strings or numbers)")
+    p.add_argument("--keep", type=float, default=0.15,
+                   help="fraction of the block linears' parameters that remain, low-rank part included (default 0.15)")
+    p.add_argument("--rank-ratio", type=float, default=0.05,
+                   help="LoSparse: low-rank share of each matrix, rank = ceil(ratio*out*in/(out+in)) (default 0.05)")
+    p.add_argument("--beta1", type=float, default=0.85, help="sensitivity EMA factor (default 0.85)")
+    p.add_argument("--beta2", type=float, default=1.0, help="uncertainty EMA factor; 1 = off, as in the reference (default 1)")
+    p.add_argument("--initial-steps", type=int, default=None, help="steps before pruning starts (default 10%% of --steps)")
+    p.add_argument("--final-steps", type=int, default=None, help="steps at the final budget (default 30%% of --steps)")
+    p.add_argument("--mask-interval", type=int, default=None,
+                   help="steps between maskings in the cubic phase (default min(10, steps/50))")
+    p.add_argument("--pruned-rows", default="stay", choices=["stay", "train"],
+                   help="stay: a pruned row never returns (default); train: the reference's (zeroed at each masking, "
+                        "trained in between)")
+    _add_training_args(p, lr_help="peak learning rate (default 1e-4)", weight_decay=0.01)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 512 lm, 128 classify)")
+    p.add_argument("--eval-windows", type=int, default=40, help="lm: the first N held-out windows; 0 = all (default 40)")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="examples per evaluation forward")
+    p.add_argument("--text-field", default="text", help="text field of JSONL / CSV / dataset sources")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation before and after")
+    p.add_argument("--export", default="compact", choices=["compact", "dense"],
+                   help="compact: U, V and S's kept rows (smaller, faster; loads with sparseforge); dense: merged plain "
+                        "weights that vanilla transformers loads (saves nothing)")
+    p.add_argument("--output", default=None, help="directory for the trained model (+ sparseforge.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
+
+    p = sub.add_parser("eval", help="perplexity (or classification accuracy / macro-F1) of a model on held-out data")
+    _add_model_args(p, "model directory, .gguf, cached hub id or 'encoder' (default: embedded SmolLM2-135M)")
+    p.add_argument("--task", default=None, choices=["lm", "classify"],
+                   help="default: the saved model's (a sequence classifier is evaluated on --data's labels)")
+    p.add_argument("--data", default=None,
+                   help="lm: wiki | FILE.txt | FILE.jsonl | dataset dir (default wiki); classify: wiki-topics | FILE")
+    p.add_argument("--label-field", default="label", help="label field of classification data")
+    _add_eval_args(p, "tokens per window / per text (default 512 lm, 128 classify)", seq_len=None)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
 
     p = sub.add_parser("info", help="sparsity, N:M patterns and settings of a saved model")
@@ -228,17 +294,9 @@ def cmd_finetune(args) -> int:
         raise ConfigError("--sparsity/--pattern need --prune METHOD (or give an already pruned --model)")
     pattern = Pattern.parse(args.pattern or args.sparsity or "0.5") if args.prune else None
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
-    checkpoint_dir = args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
-    train = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-                 warmup=args.warmup, schedule=args.schedule, seed=args.seed, mixed_precision=args.mixed_precision,
-                 gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
-                 checkpoint_every=args.checkpoint_every, checkpoint_dir=checkpoint_dir)
-    if args.lr is not None:
-        train["lr"] = args.lr
+    train = _training_options(args)
     TrainConfig(steps=args.steps, **train)  # validate before the slow steps
     AdapterConfig(method=args.method, rank=args.rank, scale=args.scale, lora_alpha=args.lora_alpha)
-    if args.resume and not checkpoint_dir:
-        raise ConfigError("--resume needs --checkpoint-dir or --output")
     if args.output:
         check_output(args.output, args.overwrite)
     model_dir = Path(args.model) if args.model else None
@@ -296,10 +354,111 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _method_options(args) -> dict:
+    if args.method == "dense":
+        return {}
+    return dict(method=args.method, keep=args.keep, rank_ratio=args.rank_ratio, beta1=args.beta1, beta2=args.beta2,
+                initial_steps=args.initial_steps, final_steps=args.final_steps, interval=args.mask_interval,
+                pruned_rows=args.pruned_rows)
+
+
+def _drop(options: dict, key: str) -> dict:
+    return {k: v for k, v in options.items() if k != key}
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from .export import check_output, save
+    from .loading import load_model
+    from .measure import peak_rss_mb
+    from .methods import build_train_method
+    from .models.modules import structure_manifest
+    from .train import TrainConfig
+    from .training import train
+
+    started = time.perf_counter()
+    data = args.data or ("wiki" if args.task == "lm" else "wiki-topics")
+    train_options = _training_options(args)
+    TrainConfig(steps=args.steps, **train_options)  # validate every setting before the slow steps
+    options = _method_options(args)
+    build_train_method(args.method, args.steps, _drop(options, "method"))
+    if args.output:
+        check_output(args.output, args.overwrite)
+    splits, labels = None, None
+    if args.task == "classify":
+        from .train.labelled import classification_splits
+
+        splits = classification_splits(data, args.eval_data, args.text_field, args.label_field)
+        labels = splits[2].names
+    torch.manual_seed(args.seed)  # a new classification head is drawn here
+    model, tokenizer = load_model(args.model, dtype=args.dtype, task=args.task, label_names=labels)
+    report = train(model, tokenizer, method=args.method, task=args.task, data=splits or data, eval_data=args.eval_data,
+                   seq_len=args.seq_len, text_field=args.text_field, label_field=args.label_field,
+                   eval_windows=args.eval_windows or None, eval_batch_size=args.eval_batch_size, evaluate=not args.no_eval,
+                   resume=args.resume, method_options=_drop(options, "method"), steps=args.steps, **train_options)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
+    run = report.run
+    exported = args.export
+    if exported == "dense":
+        from .lowrank.method import densify
+
+        densify(model)
+    results = {
+        "model": args.model or ("embedded:SmolLM2-135M-Instruct" if args.task == "lm" else "embedded:all-MiniLM-L6-v2"),
+        "dtype": args.dtype,
+        "train": report.to_dict(),
+        "export": exported,
+        "metrics": {"before": run["metrics_before"], "after": run["metrics_after"],
+                    "parameters": {"before": report.size_before, "after": report.size_after},
+                    "train_seconds": run["train_seconds"], "total_seconds": round(time.perf_counter() - started, 3),
+                    "peak_rss_mb": round(peak_rss_mb(), 1)},
+    }
+    _print_train_summary(args, report)
+    if args.output:
+        metadata = dict(results)
+        if exported == "compact":
+            metadata["structure"] = structure_manifest(model)
+        save(model, tokenizer, args.output, metadata=metadata, overwrite=args.overwrite)
+        print(f"saved to {args.output}" + (" (dense export: vanilla transformers loads it; it saves nothing)"
+                                           if exported == "dense" else " (compact: load with sparseforge.load_model)"))
+    _write_json(args.json, results)
+    return 0
+
+
+def _print_train_summary(args, report) -> None:
+    run, method = report.run, report.method_report
+    before, after = run["metrics_before"], run["metrics_after"]
+    print(f"method {args.method}  task {args.task}  steps {args.steps}  median step {run['median_step_seconds']:.3f}s  "
+          f"train {run['train_seconds']:.1f}s  peak RSS {run['peak_rss_mb']:.0f} MiB")
+    if after:
+        if args.task == "classify":
+            print(f"accuracy {after['accuracy']:.4f}  macro-F1 {after['macro_f1']:.4f}  ({after['n_examples']} held-out "
+                  f"examples; before training {before['accuracy']:.4f})")
+        else:
+            print(f"perplexity  before {before['perplexity']:.3f}  after {after['perplexity']:.3f}")
+    targets = method.get("target_parameters")
+    if targets:
+        print(f"block linears: {targets['compact']:,} of {targets['dense']:,} weights kept ({targets['kept_fraction']:.2%}; "
+              "biases, embeddings and the task head stay dense, outside the budget)")
+    b, a = report.size_before, report.size_after
+    print(f"model: {a['parameters']:,} parameters, {a['bytes'] / 2**20:.1f} MiB (dense {b['parameters']:,}, "
+          f"{b['bytes'] / 2**20:.1f} MiB)")
+
+
 def cmd_eval(args) -> int:
     from .loading import load_model
+    from .training import DEFAULT_SEQ_LEN
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, task=args.task)
+    if getattr(model.config, "architectures", None) and model.config.architectures[0].endswith("ForSequenceClassification") \
+            or args.task == "classify":
+        return _eval_classification(model, tokenizer, args)
+    args.data = args.data or "wiki"
+    args.seq_len = args.seq_len or DEFAULT_SEQ_LEN["lm"]
     result = _eval(model, tokenizer, args)
     result["model"] = args.model or "embedded:SmolLM2-135M-Instruct"
     print(f"perplexity {result['perplexity']:.3f}  ({result['n_windows']} windows x {result['seq_len']} tokens "
@@ -309,8 +468,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_classification(model, tokenizer, args) -> int:
+    from .eval.classification import classification_metrics
+    from .train.labelled import LabelSet, classification_examples, read_labelled
+    from .training import DEFAULT_SEQ_LEN
+
+    config = model.config
+    labels = LabelSet([config.id2label[i] for i in range(config.num_labels)])
+    texts = read_labelled(args.data or "wiki-topics", args.text_field, args.label_field, split="eval")
+    examples = classification_examples(tokenizer, texts, labels, args.seq_len or DEFAULT_SEQ_LEN["classify"])
+    result = classification_metrics(model, examples, batch_size=max(args.eval_batch_size, 32))
+    result.update(model=args.model, data=texts.source)
+    print(f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}  ({result['n_examples']} examples of "
+          f"{texts.source}, {result['seconds']:.1f}s)")
+    print(json.dumps(result))
+    _write_json(args.json, result)
+    return 0
+
+
 def cmd_info(args) -> int:
-    from .eval.sparsity_report import sparsity_summary
+    from .eval.sparsity_report import sparsity_summary, structure_summary
     from .export import read_metadata
     from .loading import load_model
 
@@ -331,14 +508,23 @@ def cmd_info(args) -> int:
     if summary["pruned_with"]:
         cfg = summary["pruned_with"]
         print(f"pruned with {cfg['method']} pattern {cfg['pattern']} propagate {cfg['propagate']}")
+    structure = structure_summary(model)
+    summary["structure"] = structure
+    if structure:
+        print(f"compact layers: {len(structure)}, {sum(s['parameters'] for s in structure):,} parameters "
+              f"(trained with {meta.get('train', {}).get('method', '?')})")
     if args.layers:
         for layer in summary["layers"]:
             print(f"  {layer['name']:<40} {str(layer['shape']):<14} {layer['sparsity']:.4f}  {layer['pattern'] or '-'}")
+        for item in structure:
+            s = item["structure"]
+            print(f"  {item['name']:<40} {s['class']:<22} rank {s.get('rank', '-'):>4}  rows {s.get('rows', '-'):>5} of "
+                  f"{s.get('out_features', '-'):<5} {item['parameters']:>10,} parameters")
     _write_json(args.json, summary)
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "eval": cmd_eval, "info": cmd_info}
+COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "train": cmd_train, "eval": cmd_eval, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,11 +188,14 @@ class LoSparseMethod:
         for name, layer in layers.items():
             compact = layer.compact()
             replace_module(model, name, compact)
+            bias = 0 if compact.bias is None else compact.bias.numel()
             per_layer.append({"name": name, "shape": [layer.out_features, layer.in_features], "rank": compact.rank,
-                              "rows": compact.rows, "parameters": compact.parameter_count()})
-        kept = sum(layer["parameters"] for layer in per_layer)
+                              "rows": compact.rows, "weights": compact.parameter_count() - bias, "bias": bias})
+        kept = sum(layer["weights"] for layer in per_layer)
+        # the budget is over the weight matrices; biases (never pruned) are reported apart
         return model, {"layers": per_layer, "target_parameters": {"dense": self.dense_target_parameters, "compact": kept,
-                                                                  "kept_fraction": kept / self.dense_target_parameters},
+                                                                  "kept_fraction": kept / self.dense_target_parameters,
+                                                                  "biases": sum(layer["bias"] for layer in per_layer)},
                        "maskings": self.callback.maskings if self.callback else 0}
 
 
