@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..methods import RECOVERY, get_method_info
 from ..models import get_adapter
 from ..models.base import get_weight
+from ..models.modules import replace_module
 from .layers import AdapterLinear, LoRALinear, SPPLinear, rows_per_block
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> dict[str, Adapte
         else:
             layer = LoRALinear(module, rank=rank, lora_alpha=config.lora_alpha,
                                keep_mask=config.method == "lora-star", seed=seed)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
+        replace_module(model, name, layer)
         wrapped[name] = layer
     return wrapped
 
@@ -121,8 +121,7 @@ def merge_adapters(model: nn.Module) -> list[str]:
     names = []
     for name, layer in adapter_layers(model).items():
         layer.merge(safe_merge=True, keep_original=False)  # no copy: the adapter is discarded
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base)
+        replace_module(model, name, layer.base)
         names.append(name)
     return names
 
