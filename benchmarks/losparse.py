@@ -51,7 +51,11 @@ def settings(suite: str) -> dict:
 
 
 def worker(suite: str, method: str, keep: float | None) -> None:
+    import logging
+
     import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     torch.set_num_threads(THREADS)
     from sparseforge import load_model, save
