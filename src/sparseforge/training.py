@@ -99,6 +99,8 @@ def train(model, tokenizer, *, method: str = "losparse", task: str = "lm", data=
     train_method = build_train_method(method, config.steps, method_options)
     seq_len = seq_len or DEFAULT_SEQ_LEN[task]
     check_seq_len(seq_len, get_adapter(model).context_length())
+    if hasattr(train_method, "check"):  # settings that need the model's shapes, before data and evaluation
+        train_method.check(model)
     torch.manual_seed(config.seed)  # dropout and any new layers draw from here
     if task == "lm":
         run_data = lm_data(tokenizer, data=data, eval_data=eval_data or "wiki", seq_len=seq_len, text_field=text_field,

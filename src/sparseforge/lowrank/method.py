@@ -154,10 +154,18 @@ class LoSparseMethod:
     def identity(self) -> dict:
         return {"losparse": asdict(self.config)}
 
+    def check(self, model) -> None:
+        """Refuse a budget the low-rank part alone spends, before any slow step (shapes only)."""
+        plan_ranks(self._shapes(model), self.config)
+
+    @staticmethod
+    def _shapes(model) -> dict[str, tuple[int, int]]:
+        return {name: tuple(_out_in(m)) for name, m in block_linears(model).items()}
+
     def prepare(self, model) -> dict:
         config = self.config
         targets = block_linears(model)
-        shapes = {name: tuple(_out_in(m)) for name, m in targets.items()}
+        shapes = self._shapes(model)
         ranks, sparse_share = plan_ranks(shapes, config)
         self.dense_target_parameters = sum(o * i for o, i in shapes.values())
         for name, module in targets.items():

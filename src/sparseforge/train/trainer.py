@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 STATE_FILE = "trainer_state.json"
+#: the callbacks' states again, beside accelerate's files: readable BEFORE load_state (see Callback.before_load)
+CALLBACK_STATES_FILE = "callback_states.pt"
 
 
 @dataclass
@@ -117,6 +119,11 @@ class Callback:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def before_load(self, trainer: Trainer, state: dict | None) -> None:
+        """When resuming, before accelerate loads the checkpoint's weights and optimizer state: ``state`` is
+        this callback's saved ``state_dict`` (None if the checkpoint has none). A method that changed the
+        model's structure during training (e.g. shrank layers) re-applies it here so the shapes match."""
 
 
 @dataclass
@@ -207,7 +214,11 @@ class Trainer:
         # would step it once per process)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.accelerator.register_for_checkpointing(self.scheduler, _Checkpointable(self))
-        self.trainable = sum(p.numel() for p in params)
+
+    @property
+    def trainable(self) -> int:
+        """Trainable parameters now (a structured method shrinks them during training)."""
+        return sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -226,6 +237,7 @@ class Trainer:
         if acc.is_main_process:
             state = {"step": self.step, "identity": self.identity, "config": asdict(self.config)}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+            torch.save([c.state_dict() for c in self.callbacks], tmp / CALLBACK_STATES_FILE)
             if path.exists():  # a rerun from an earlier checkpoint passes this step again
                 shutil.rmtree(path)
             tmp.rename(path)  # a checkpoint exists only once complete
@@ -253,6 +265,10 @@ class Trainer:
         if differ:
             raise ConfigError(f"checkpoint {path} is from a run with other settings ({', '.join(differ)}): "
                               "resume with the same settings or use another --checkpoint-dir")
+        states_path = path / CALLBACK_STATES_FILE
+        states = torch.load(states_path, weights_only=False) if states_path.is_file() else []
+        for i, callback in enumerate(self.callbacks):
+            callback.before_load(self, states[i] if i < len(states) else None)
         self.accelerator.load_state(str(path))
         log.info("resumed from %s (step %d)", path, self.step)
 
@@ -349,6 +365,9 @@ class Trainer:
                 loss_sum += float(loss.detach()) * micro_tokens
                 tokens += micro_tokens
             loss_mean = loss_sum / max(tokens, 1)
+            # the loss's graph holds the parameters' gradient accumulators, which keep their shapes: a method that
+            # shrinks parameters after this step (TranSpa) would meet them in the next backward
+            del loss
             if config.max_grad_norm:
                 # all parameters: FSDP and DeepSpeed recognise the whole model and clip across shards
                 norm = acc.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
@@ -368,14 +387,14 @@ class Trainer:
             record = {"step": self.step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "seconds": seconds, "tokens_per_s": tokens * acc.num_processes / seconds,
                       "rss_mb": current_rss_mb()}
+            for c in self.callbacks:  # callbacks add their fields before the record is kept and logged
+                c.on_step_end(self, record)
             result.history.append(record)
             if log_path is not None and acc.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            for c in self.callbacks:
-                c.on_step_end(self, record)
             if config.log_every and self.step % config.log_every == 0:
                 log.info("step %d/%d loss %.4f lr %.3g %.0f tok/s", self.step, config.steps, loss_mean, lr,
                          record["tokens_per_s"])
