@@ -81,7 +81,8 @@ class TrainReport:
 
 def train(model, tokenizer, *, method: str = "losparse", task: str = "lm", data="wiki", eval_data: str | None = None,
           seq_len: int | None = None, text_field: str = "text", label_field: str = "label", eval_windows: int | None = 40,
-          eval_batch_size: int | None = None, evaluate: bool = True, resume=None, progress: bool = True,
+          eval_batch_size: int | None = None, evaluate: bool = True, evaluate_before: bool = True, resume=None,
+          progress: bool = True,
           method_options: dict | None = None, **train_options) -> TrainReport:
     """Train ``model`` in place with a train-time method; returns the report.
 
@@ -115,7 +116,7 @@ def train(model, tokenizer, *, method: str = "losparse", task: str = "lm", data=
     size_before = model_size(model)
     model, run = run_training(model, run_data, config, prepare=train_method.prepare, finish=train_method.finish,
                               callbacks=train_method.callbacks, identity={"method": method, **train_method.identity()},
-                              resume=resume, progress=progress)
+                              resume=resume, progress=progress, evaluate_before=evaluate_before)
     size_after = model_size(model)
     method_report = run.method
     run_dict = run.to_dict()

@@ -102,7 +102,7 @@ class RunReport:
 def run_training(model, run_data: RunData, config: TrainConfig, *, prepare: Callable | None = None,
                  finish: Callable | None = None, callbacks: list[Callback] | Callable[[], list[Callback]] = (),
                  identity: dict | None = None,
-                 resume=None, progress: bool = True):
+                 resume=None, progress: bool = True, evaluate_before: bool = True):
     """Evaluate, ``prepare(model)``, train, ``finish(model)``, evaluate. Returns ``(model, RunReport)``.
 
     ``prepare(model) -> dict | None`` changes the model before training (its dict goes to
@@ -110,10 +110,11 @@ def run_training(model, run_data: RunData, config: TrainConfig, *, prepare: Call
     new model, e.g. a compact one). The trainer evaluates every ``config.eval_every`` steps;
     the run itself evaluates before ``prepare`` and after ``finish``. ``callbacks`` may be a
     function returning them, called after ``prepare`` (a method's callbacks often need the
-    prepared model).
+    prepared model). ``evaluate_before=False`` skips the first evaluation (e.g. a new,
+    untrained classification head scores chance).
     """
     evaluate = run_data.evaluate
-    before = evaluate(model, progress=progress) if evaluate else None
+    before = evaluate(model, progress=progress) if evaluate and evaluate_before else None
     method_info = dict((prepare(model) if prepare else None) or {})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
