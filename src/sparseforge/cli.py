@@ -173,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruned-rows", default="stay", choices=["stay", "train"],
                    help="stay: a pruned row never returns (default); train: the reference's (zeroed at each masking, "
                         "trained in between)")
+    p.add_argument("--target-params", type=float, default=0.7,
+                   help="transpa / structured-l1: fraction of ALL the model's parameters (embeddings included) to "
+                        "reach (default 0.7)")
+    p.add_argument("--round-steps", type=int, default=None,
+                   help="transpa / structured-l1: steps per removal round (default: a tenth of --steps)")
+    p.add_argument("--fraction", type=float, default=0.3,
+                   help="transpa / structured-l1: share K of the couples each round selects (default 0.3)")
+    p.add_argument("--theta", type=float, default=0.9,
+                   help="transpa / structured-l1: unit mass a selected couple keeps (default 0.9)")
+    p.add_argument("--layout", default="uniform", choices=["uniform", "free"],
+                   help="transpa / structured-l1: uniform = same sizes in every layer, a plain HF checkpoint (default); "
+                        "free = per-layer sizes, loads with sparseforge.load_model")
+    p.add_argument("--from-scratch", default=None, metavar="CONFIG",
+                   help="train a new randomly initialised LLaMA-style decoder instead of --model: a JSON file of "
+                        f"LlamaConfig fields or a preset ({', '.join(sorted(SCRATCH_PRESETS))}); the embedded SmolLM2 "
+                        "tokenizer's vocabulary")
     _add_training_args(p, lr_help="peak learning rate (default 1e-4)", weight_decay=0.01)
     p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 512 lm, 128 classify)")
     p.add_argument("--eval-windows", type=int, default=40, help="lm: the first N held-out windows; 0 = all (default 40)")
@@ -195,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-field", default="label", help="label field of classification data")
     _add_eval_args(p, "tokens per window / per text (default 512 lm, 128 classify)", seq_len=None)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
+
+    p = sub.add_parser("bench-speed", help="prefill and decode tokens/s of several models, measured interleaved",
+                       description="Load each --model and measure prefill and decode tokens/s, every round running every "
+                                   "model once (A B A B ...); the first model is the baseline of the speed-ups.")
+    p.add_argument("--model", action="append", default=None,
+                   help="model directory, .gguf, cached hub id or 'encoder' (repeatable; default: the embedded SmolLM2 once)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--prefill-tokens", type=int, default=512, help="prefill context length (default 512)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens decoded with the KV cache (default 64)")
+    p.add_argument("--context", type=int, default=512, help="context before decoding (default 512)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="measured rounds (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--memory", action="store_true", help="also the peak memory of each model, in a fresh process each")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results (with the machine's features) here")
 
     p = sub.add_parser("info", help="sparsity, N:M patterns and settings of a saved model")
     p.add_argument("model", nargs="?", default=None, help="model directory (default: embedded SmolLM2-135M)")
@@ -354,9 +386,77 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+#: --from-scratch presets: LlamaConfig fields (the vocabulary is the embedded tokenizer's)
+SCRATCH_PRESETS = {
+    "llama-tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True),
+    "llama-small": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
+                        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True),
+}
+
+
+def _family(method: str) -> str:
+    from .methods import get_method_info
+
+    entry = get_method_info(method).entry or ""
+    return {"sparseforge.lowrank.method": "losparse", "sparseforge.structured.method": "transpa"}.get(
+        entry.partition(":")[0], "dense")
+
+
+def _scratch_config(source: str) -> dict:
+    """LlamaConfig fields of --from-scratch (a preset name or a JSON file); ConfigError unless a LLaMA-style decoder."""
+    if source in SCRATCH_PRESETS:
+        return dict(SCRATCH_PRESETS[source])
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"--from-scratch '{source}' is neither a JSON config file nor a preset "
+                          f"({', '.join(sorted(SCRATCH_PRESETS))})")
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--from-scratch {path} is not a JSON config: {str(e).splitlines()[0]}") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"--from-scratch {path} must hold a JSON object of LlamaConfig fields")
+    model_type = fields.pop("model_type", "llama")
+    architectures = fields.pop("architectures", None) or []
+    if model_type != "llama" or fields.get("is_encoder_decoder") or any(not a.endswith("ForCausalLM") for a in architectures):
+        raise ConfigError(f"--from-scratch {path} describes a '{model_type}' model: it builds a LLaMA-style decoder only "
+                          "(model_type llama, LlamaConfig fields)")
+    return fields
+
+
+def _scratch_model(source: str, seed: int):
+    """A seeded random LlamaForCausalLM and the embedded SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from .assets import embedded_model_gguf
+    from .loading import gguf_to_directory
+
+    fields = _scratch_config(source)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_to_directory(embedded_model_gguf()))
+    vocab = fields.setdefault("vocab_size", len(tokenizer))
+    if not isinstance(vocab, int) or vocab < len(tokenizer):
+        raise ConfigError(f"--from-scratch vocab_size {vocab} is smaller than the tokenizer's {len(tokenizer)}: drop it")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        fields.setdefault(key, getattr(tokenizer, key))
+    try:
+        config = LlamaConfig(**fields)
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--from-scratch {source}: {str(e).splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
 def _method_options(args) -> dict:
-    if args.method == "dense":
+    family = _family(args.method)
+    if family == "dense":
         return {}
+    if family == "transpa":
+        return dict(method=args.method, target_params=args.target_params,
+                    round_steps=args.round_steps or max(1, args.steps // 10), fraction=args.fraction, theta=args.theta,
+                    layout=args.layout)
     return dict(method=args.method, keep=args.keep, rank_ratio=args.rank_ratio, beta1=args.beta1, beta2=args.beta2,
                 initial_steps=args.initial_steps, final_steps=args.final_steps, interval=args.mask_interval,
                 pruned_rows=args.pruned_rows)
@@ -382,7 +482,14 @@ def cmd_train(args) -> int:
     train_options = _training_options(args)
     TrainConfig(steps=args.steps, **train_options)  # validate every setting before the slow steps
     options = _method_options(args)
-    build_train_method(args.method, args.steps, _drop(options, "method"))
+    family = _family(args.method)
+    method = build_train_method(args.method, args.steps, _drop(options, "method"))
+    if args.from_scratch is not None:
+        if args.model is not None:
+            raise ConfigError("--from-scratch builds a new model: drop --model (or drop --from-scratch to train --model)")
+        if args.task != "lm":
+            raise ConfigError("--from-scratch builds a causal LM decoder: use --task lm")
+        _scratch_config(args.from_scratch)  # a bad config fails before the slow steps
     if args.output:
         check_output(args.output, args.overwrite)
     splits, labels = None, None
@@ -392,7 +499,13 @@ def cmd_train(args) -> int:
         splits = classification_splits(data, args.eval_data, args.text_field, args.label_field)
         labels = splits[2].names
     torch.manual_seed(args.seed)  # a new classification head is drawn here
-    model, tokenizer = load_model(args.model, dtype=args.dtype, task=args.task, label_names=labels)
+    if args.from_scratch is not None:
+        model, tokenizer = _scratch_model(args.from_scratch, args.seed)
+        model.to(getattr(torch, args.dtype))
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, task=args.task, label_names=labels)
+    if family == "transpa":
+        method.check(model)  # the target against the embeddings' share, before any training
     report = train(model, tokenizer, method=args.method, task=args.task, data=splits or data, eval_data=args.eval_data,
                    seq_len=args.seq_len, text_field=args.text_field, label_field=args.label_field,
                    eval_windows=args.eval_windows or None, eval_batch_size=args.eval_batch_size, evaluate=not args.no_eval,
@@ -402,13 +515,14 @@ def cmd_train(args) -> int:
     if not PartialState().is_main_process:
         return 0
     run = report.run
-    exported = args.export
+    exported = args.export if family != "transpa" else ("plain" if args.layout == "uniform" else "structure")
     if exported == "dense":
         from .lowrank.method import densify
 
         densify(model)
     results = {
-        "model": args.model or ("embedded:SmolLM2-135M-Instruct" if args.task == "lm" else "embedded:all-MiniLM-L6-v2"),
+        "model": (f"from-scratch:{args.from_scratch}" if args.from_scratch is not None else
+                  args.model or ("embedded:SmolLM2-135M-Instruct" if args.task == "lm" else "embedded:all-MiniLM-L6-v2")),
         "dtype": args.dtype,
         "train": report.to_dict(),
         "export": exported,
@@ -422,9 +536,14 @@ def cmd_train(args) -> int:
         metadata = dict(results)
         if exported == "compact":
             metadata["structure"] = structure_manifest(model)
+        elif exported == "structure":
+            from .structured import manifest_includes
+
+            metadata["structure"] = structure_manifest(model, include=manifest_includes(model))
         save(model, tokenizer, args.output, metadata=metadata, overwrite=args.overwrite)
-        print(f"saved to {args.output}" + (" (dense export: vanilla transformers loads it; it saves nothing)"
-                                           if exported == "dense" else " (compact: load with sparseforge.load_model)"))
+        note = {"dense": " (dense export: vanilla transformers loads it; it saves nothing)",
+                "plain": " (uniform layout: a plain HF checkpoint, vanilla transformers loads it)"}
+        print(f"saved to {args.output}" + note.get(exported, " (compact / free layout: load with sparseforge.load_model)"))
     _write_json(args.json, results)
     return 0
 
@@ -440,6 +559,16 @@ def _print_train_summary(args, report) -> None:
                   f"examples; before training {before['accuracy']:.4f})")
         else:
             print(f"perplexity  before {before['perplexity']:.3f}  after {after['perplexity']:.3f}")
+    if "trajectory" in method:
+        steps = ", ".join(f"{t['step']}: {t['parameters']:,}" for t in method["trajectory"])
+        final = method["final_parameters"]
+        reached = "target reached" if method["reached_target"] else "TARGET NOT REACHED: raise --steps or lower --round-steps"
+        print(f"parameters by step: {steps}  ({method['rounds']} rounds, {reached})")
+        print(f"final: {final['total']:,} parameters ({final['fraction']:.2%} of the start), {final['blocks']:,} in the blocks; "
+              f"{method['layout']} layout")
+        for layer in method["layers"]:
+            dims = " ".join(f"{g['qk_dim']}/{g['v_dim']}" for g in layer["groups"])
+            print(f"  block {layer['block']}: FFN {layer['ffn']}, {layer['kv_groups']} KV groups (QK/V dims {dims})")
     targets = method.get("target_parameters")
     if targets:
         print(f"block linears: {targets['compact']:,} of {targets['dense']:,} weights kept ({targets['kept_fraction']:.2%}; "
@@ -524,7 +653,36 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "train": cmd_train, "eval": cmd_eval, "info": cmd_info}
+def cmd_bench_speed(args) -> int:
+    from .eval.speed import NOTE, SpeedConfig, benchmark_speed, format_speed_table, measure_peak_memory
+    from .loading import load_model
+
+    for name in ("prefill_tokens", "decode_tokens", "context", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise ConfigError("--warmup must be at least 0 and --threads at least 1")
+    config = SpeedConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, context=args.context,
+                         batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    sources = args.model or [None]
+    labels = []
+    for source in sources:
+        label = "embedded:SmolLM2-135M-Instruct" if source is None else str(source).rstrip("/")
+        labels.append(label if label not in labels else f"{label}#{len(labels)}")
+    models = [(label, load_model(source, dtype=args.dtype)[0]) for label, source in zip(labels, sources)]
+    result = benchmark_speed(models, config)
+    if args.memory:
+        for entry, source in zip(result["models"], sources):
+            entry["memory"] = measure_peak_memory(source, config)
+            entry["peak_rss_mb"] = entry["memory"]["peak_rss_mb"]
+    print(format_speed_table(result))
+    print(f"Note: {NOTE}.")
+    _write_json(args.json, result)
+    return 0
+
+
+COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
+            "bench-speed": cmd_bench_speed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,11 +26,12 @@ class MethodInfo:
     #: defaults that differ between methods of one kind (e.g. the learning rate)
     defaults: dict = field(default_factory=dict)
     #: train-time methods: "module:function" building the method object, ``build(name, steps, options)``;
-    #: baselines share their family's entry point (itp and lowrank are LoSparse's)
+    #: baselines share their family's entry point (itp and lowrank are LoSparse's, structured-l1 TranSpa's)
     entry: str | None = None
 
 
 _LOSPARSE = "sparseforge.lowrank.method:build_method"
+_TRANSPA = "sparseforge.structured.method:build_method"
 
 _ALL = (
     MethodInfo("magnitude", ONE_SHOT, "smallest |W| per layer; needs no data"),
@@ -46,6 +47,11 @@ _ALL = (
                {"lr": 1e-4}, entry=_LOSPARSE),
     MethodInfo("lowrank", TRAIN_TIME, "U V only, the rank chosen to spend the same budget", {"lr": 1e-4},
                entry=_LOSPARSE),
+    MethodInfo("transpa", TRAIN_TIME, "coupled Fisher importance + coupled L1 removal: physically smaller layers",
+               {"lr": 1e-4}, entry=_TRANSPA),
+    MethodInfo("structured-l1", TRAIN_TIME,
+               "uncoupled: each matrix's rows/columns by their own L1 norm, same trajectory", {"lr": 1e-4},
+               entry=_TRANSPA),
     MethodInfo("dense", TRAIN_TIME, "plain fine-tuning of every weight (the quality ceiling)", {"lr": 1e-4},
                entry="sparseforge.training:build_dense"),
 )

@@ -37,6 +37,9 @@ from .families import get_adapter
 STRUCTURE_CLASSES: dict[str, str] = {
     "CompactLoSparseLinear": "sparseforge.lowrank.layers:CompactLoSparseLinear",
     "Linear": "torch.nn:Linear",
+    # TranSpa's free layout and shrunk GPT-2 layers: listed here so loading needs no earlier import
+    "CompactAttention": "sparseforge.structured.attention:CompactAttention",
+    "Conv1D": "sparseforge.structured.surgery:StructuredConv1D",
 }
 
 

@@ -1,0 +1,288 @@
+"""TranSpa during training (METHODS.md section 6): rounds of coupled Fisher + coupled L1 removal.
+
+While the model trains, one callback accumulates the coupled empirical Fisher of every
+couple after each backward; every ``round_steps`` optimizer steps, while the model has
+more parameters than the target, it plans a round (``plan_round``: the K fraction of
+least important couples, the θ rule on their units, the free or uniform layout), trims it
+to the target (``clamp_plan``), removes the units physically from the model AND the AdamW
+moments (``apply_plan``), and starts a new Fisher round. Once the target is reached, the
+model keeps training at that size.
+
+- ``transpa``: units scored by the coupled L1 product ``‖W1[:, i]‖₁ · ‖W2[i, :]‖₁``.
+- ``structured-l1``: the uncoupled ablation, each matrix's rows / columns by their own L1
+  norm; same Fisher selection, same rounds and target, so the same parameter trajectory
+  up to one removal per round.
+
+Budget: ``target_params`` is a fraction of ALL the model's parameters (embeddings
+included, tied weights once); only the blocks shrink, so the target must leave room for
+the embeddings and every other non-block parameter.
+
+Resume: the callback's state holds every applied plan; ``before_load`` replays them on
+the freshly built model before accelerate loads the checkpoint's weights and optimizer
+state, so the shapes match and the run continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..models import get_adapter
+from ..train.trainer import Callback
+from .couples import block_attention, ffn_couple
+from .importance import CoupledFisher
+from .select import LAYOUTS, RemovalPlan, clamp_plan, plan_round
+from .surgery import apply_plan, uniform_config
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("transpa", "structured-l1")
+UNIT_SCORER = {"transpa": "coupled-l1", "structured-l1": "structured-l1"}
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class TranSpaConfig:
+    """Settings of TranSpa and its uncoupled ablation; see the module docstring."""
+
+    method: str = "transpa"
+    target_params: float = 0.7
+    round_steps: int = 10
+    fraction: float = 0.3
+    theta: float = 0.9
+    layout: str = "uniform"
+
+    def __post_init__(self):
+        if self.method not in VARIANTS:
+            raise ConfigError(f"TranSpa variant '{self.method}' unknown: choose from {', '.join(VARIANTS)}")
+        if not (_finite(self.target_params) and 0 < self.target_params < 1):
+            raise ConfigError(f"--target-params {self.target_params} must be in (0, 1): the fraction of the model's "
+                              "parameters (embeddings included) to reach, e.g. 0.7")
+        if not (isinstance(self.round_steps, int) and self.round_steps >= 1):
+            raise ConfigError(f"--round-steps {self.round_steps} must be a whole number of steps, at least 1")
+        if not (_finite(self.fraction) and 0 < self.fraction < 1):
+            raise ConfigError(f"--fraction {self.fraction} must be in (0, 1): the share K of couples each round selects, e.g. 0.3")
+        if not (_finite(self.theta) and 0 < self.theta < 1):
+            raise ConfigError(f"--theta {self.theta} must be in (0, 1): the unit mass each selected couple keeps, e.g. 0.9")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"--layout '{self.layout}' unknown: choose uniform (a plain HF checkpoint) or free "
+                              "(per-layer sizes, loads with sparseforge.load_model)")
+
+
+def count_parameters(model) -> int:
+    """Parameters of the model, tied ones once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def block_parameters(model) -> int:
+    return sum(p.numel() for block in get_adapter(model).blocks for p in block.parameters())
+
+
+def layer_sizes(model) -> list[dict]:
+    """Per block: FFN width, KV groups, and each group's QK-pair / V dims and query heads."""
+    adapter = get_adapter(model)
+    out = []
+    for i in range(len(adapter.blocks)):
+        layout = block_attention(model, i, adapter).layout
+        out.append({"block": i, "ffn": ffn_couple(model, i, adapter).units, "kv_groups": layout.num_groups,
+                    "heads": layout.num_heads,
+                    "groups": [{"qk_dim": layout.qk_dim(g), "v_dim": layout.v_dim(g)} for g in range(layout.num_groups)]})
+    return out
+
+
+def estimated_rounds(block: int, target_block: int, fraction: float, theta: float) -> int:
+    """Rounds to shrink ``block`` block parameters to ``target_block`` if each round removes K·(1−θ) of them
+    (the θ rule on evenly spread unit masses; concentrated masses remove more)."""
+    if target_block >= block:
+        return 0
+    per_round = fraction * (1 - theta)
+    return math.ceil(math.log(target_block / block) / math.log(1 - per_round) - 1e-9)
+
+
+def _is_ffn(couple: str) -> bool:
+    return couple.rpartition(":")[2] == "ffn"
+
+
+def _ffn_only(model, layout: str) -> bool:
+    from .surgery import CONFIG_KEYS
+
+    adapter = get_adapter(model)
+    keys = next((k for cls, k in CONFIG_KEYS.items() if isinstance(adapter, cls)), None)
+    return layout == "uniform" and keys is not None and keys["head_dim"] is None
+
+
+class StructuredRounds(Callback):
+    """Coupled Fisher after every backward; a removal round every ``round_steps`` steps until the target."""
+
+    def __init__(self, config: TranSpaConfig, target: int, fraction: float, ffn_only: bool = False):
+        self.config = config
+        self.ffn_only = ffn_only  # uniform layout of a family that derives its head size from hidden / heads
+        self.target = target
+        self.fraction = fraction
+        self.fisher = CoupledFisher()
+        self.carry: dict[str, float] = {}
+        self.plans: list[dict] = []  # every applied plan, in order (replayed on resume)
+        self.trajectory: list[dict] = []  # {"step", "parameters"} at the start and after each round that removed units
+        self.rounds = 0
+
+    @staticmethod
+    def _model(trainer):
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+    def on_train_begin(self, trainer) -> None:
+        if not self.trajectory:
+            self.trajectory.append({"step": trainer.step, "parameters": count_parameters(self._model(trainer))})
+
+    def on_gradients(self, trainer) -> None:
+        model = self._model(trainer)
+        if count_parameters(model) > self.target:
+            self.fisher.accumulate(model)
+
+    @torch.no_grad()
+    def on_optimizer_step(self, trainer) -> None:
+        if trainer.step % self.config.round_steps:
+            return
+        model = self._model(trainer)
+        current = count_parameters(model)
+        if current <= self.target or not self.fisher.batches:
+            return
+        plan, self.carry = plan_round(model, self.fisher.scores(), layout=self.config.layout, fraction=self.fraction,
+                                      theta=self.config.theta, unit_scorer=UNIT_SCORER[self.config.method],
+                                      carry=self.carry)
+        if self.ffn_only:  # a plain checkpoint of this family cannot drop heads: FFN units only
+            plan = RemovalPlan([i for i in plan.items if all(_is_ffn(n) for n in i.units)], plan.layout)
+            self.carry["attention_parameters"] = 0.0
+        plan = clamp_plan(model, plan, current - self.target)
+        self.rounds += 1
+        self.fisher.reset()  # a new round begins, whether or not this one removed anything
+        if not plan.items:  # the uniform layout may carry a round's removals over to the next
+            log.info("%s round %d at step %d: nothing removed yet (carried over: %s)", self.config.method, self.rounds,
+                     trainer.step, {k: round(v, 1) for k, v in self.carry.items()})
+            return
+        apply_plan(model, plan, trainer.optimizer, self.config.layout)
+        self.plans.append(plan.to_dict())
+        after = count_parameters(model)
+        self.trajectory.append({"step": trainer.step, "parameters": after})
+        log.info("%s round %d at step %d: %d -> %d parameters (target %d)", self.config.method, self.rounds,
+                 trainer.step, current, after, self.target)
+
+    def on_step_end(self, trainer, record: dict) -> None:
+        record["parameters"] = self.trajectory[-1]["parameters"] if self.trajectory else None
+
+    def before_load(self, trainer, state: dict | None) -> None:
+        """Replay the checkpoint's plans on the fresh model, so its shapes match the saved weights and moments."""
+        if not state or self.plans:
+            return
+        model = self._model(trainer)
+        for data in state.get("plans", []):
+            apply_plan(model, RemovalPlan.from_dict(data), trainer.optimizer, self.config.layout)
+        log.info("re-applied %d removal rounds before loading the checkpoint: %d parameters",
+                 len(state.get("plans", [])), count_parameters(model))
+
+    def state_dict(self) -> dict:
+        return {"fisher": self.fisher.state_dict(), "carry": dict(self.carry), "plans": list(self.plans),
+                "trajectory": list(self.trajectory), "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fisher.load_state_dict(state["fisher"])
+        self.carry = dict(state["carry"])
+        self.plans = list(state["plans"])
+        self.trajectory = list(state["trajectory"])
+        self.rounds = int(state["rounds"])
+
+
+class TranSpaMethod:
+    """The train-time method object the shared run drives: prepare, callbacks, finish."""
+
+    def __init__(self, config: TranSpaConfig, steps: int):
+        self.config = config
+        self.steps = steps
+        if steps // config.round_steps == 0:
+            raise ConfigError(f"--round-steps {config.round_steps} exceeds --steps {steps}: no removal round "
+                              "would run; lower --round-steps or raise --steps")
+        self.callback: StructuredRounds | None = None
+        self.info: dict = {}
+
+    def identity(self) -> dict:
+        return {"transpa": asdict(self.config)}
+
+    def check(self, model) -> tuple[int, int, int, int]:
+        """(parameters, block parameters, the rest, target); ConfigError if the target is below the rest."""
+        total = count_parameters(model)
+        block = block_parameters(model)
+        outside = total - block
+        target = int(self.config.target_params * total)
+        if target <= outside:
+            raise ConfigError(f"--target-params {self.config.target_params} is below the parameters outside the blocks "
+                              f"(embeddings, norms, head: {outside / total:.4f} of {total:,}): only the blocks shrink, "
+                              f"choose a target above {outside / total:.4f}")
+        return total, block, outside, target
+
+    def prepare(self, model) -> dict:
+        config = self.config
+        for p in model.parameters():
+            p.requires_grad_(True)
+        total, block, outside, target = self.check(model)
+        rounds = self.steps // config.round_steps
+        target_block = target - outside
+        fraction = config.fraction
+        needed = estimated_rounds(block, target_block, fraction, config.theta)
+        adapted = None
+        if needed > rounds:
+            # the smallest K whose estimate fits the rounds: (1 - K(1-θ))^rounds <= target_block / block
+            k = (1 - (target_block / block) ** (1 / rounds)) / (1 - config.theta)
+            if k >= 1:
+                raise ConfigError(f"{rounds} rounds (--steps {self.steps} // --round-steps {config.round_steps}) cannot "
+                                  f"reach --target-params {config.target_params}: each round removes about K*(1-θ) = at most "
+                                  f"{1 - config.theta:.2f} of the block parameters; raise --steps, lower --round-steps "
+                                  "or --theta")
+            fraction = min(1.0, math.ceil(k * 100) / 100)
+            adapted = fraction
+            log.warning("%s: at K=%.2f, θ=%.2f reaching the target needs about %d rounds, the run has %d: K raised to %.2f",
+                        config.method, config.fraction, config.theta, needed, rounds, fraction)
+        ffn_only = _ffn_only(model, config.layout)
+        if ffn_only:
+            log.warning("%s: %s derives its head size from hidden_size / heads, so the uniform layout (a plain "
+                        "checkpoint) removes FFN units only; use --layout free to shrink attention too",
+                        config.method, type(get_adapter(model)).__name__.removesuffix("Adapter"))
+        self.callback = StructuredRounds(config, target, fraction, ffn_only)
+        self.info = {"config": asdict(config), "parameters": {"start": total, "blocks": block, "outside_blocks": outside,
+                                                              "target": target},
+                     "rounds_available": rounds, "rounds_estimated": estimated_rounds(block, target_block, fraction,
+                                                                                       config.theta),
+                     "fraction_used": fraction, "fraction_adapted": adapted is not None, "ffn_only": ffn_only}
+        log.info("%s: %d parameters (%d in the blocks) -> target %d, a round every %d steps (%d rounds available), "
+                 "K %.2f θ %.2f, %s layout", config.method, total, block, target, config.round_steps, rounds, fraction,
+                 config.theta, config.layout)
+        return dict(self.info)
+
+    def callbacks(self) -> list[Callback]:
+        return [self.callback] if self.callback else []
+
+    def finish(self, model):
+        """Uniform layout: the config follows the new sizes (a plain HF checkpoint); report the trajectory and sizes."""
+        callback = self.callback
+        total = count_parameters(model)
+        reached = total <= callback.target
+        if not reached:
+            log.warning("%s: the run ended at %d parameters, above the target %d: raise --steps or lower --round-steps",
+                        self.config.method, total, callback.target)
+        if self.config.layout == "uniform":
+            model.config.update(uniform_config(model))
+        return model, {"trajectory": list(callback.trajectory), "rounds": callback.rounds,
+                       "rounds_removing": len(callback.plans), "reached_target": reached,
+                       "final_parameters": {"total": total, "blocks": block_parameters(model),
+                                            "fraction": total / self.info["parameters"]["start"]},
+                       "layers": layer_sizes(model), "layout": self.config.layout}
+
+
+def build_method(name: str, steps: int, options: dict) -> TranSpaMethod:
+    """The method-index entry point of TranSpa and its uncoupled ablation."""
+    return TranSpaMethod(TranSpaConfig(method=name, **options), steps)

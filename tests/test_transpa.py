@@ -1,0 +1,249 @@
+"""TranSpa during training: the round loop, exports, resume across a shrink, the CLI and bench-speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sparseforge.cli import main
+from sparseforge.errors import ConfigError
+from sparseforge.methods import build_train_method, method_names
+from sparseforge.models.modules import structure_manifest
+from sparseforge.structured import CompactAttention, manifest_includes
+from sparseforge.structured.method import count_parameters
+from sparseforge.train import Callback, TrainConfig, Trainer, TrainExamples
+
+VOCAB = 96
+#: round every 2 steps, K 0.5, θ 0.5: the tiny model reaches 70% in two rounds, then trains on
+OPTIONS = {"target_params": 0.7, "round_steps": 2, "fraction": 0.5, "theta": 0.5}
+STEPS = 8
+
+
+def llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(config)
+
+
+def examples():
+    ids = torch.randint(0, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
+    return TrainExamples(ids, ids.clone(), torch.ones_like(ids), "language-modelling")
+
+
+class Watch(Callback):
+    """Snapshots of the weights after every step; stops the run at ``stop_at`` (a kill)."""
+
+    def __init__(self, stop_at=None):
+        self.stop_at, self.sizes, self.states = stop_at, [], {}
+
+    def on_step_end(self, trainer, record):
+        model = trainer.unwrapped_model()
+        self.sizes.append(count_parameters(model))
+        self.states[trainer.step] = {k: v.clone() for k, v in model.state_dict().items()}
+        if trainer.step == self.stop_at:
+            raise KeyboardInterrupt
+
+
+def run(method="transpa", layout="uniform", steps=STEPS, checkpoint_dir=None, stop_at=None, resume=None, seed=0):
+    model = llama(seed)
+    m = build_train_method(method, steps, {**OPTIONS, "layout": layout})
+    info = m.prepare(model)
+    watch = Watch(stop_at)
+    config = TrainConfig(steps=steps, batch_size=2, lr=1e-3, warmup=0.0, weight_decay=0.01,
+                         checkpoint_every=3 if checkpoint_dir else 0, checkpoint_dir=checkpoint_dir)
+    trainer = Trainer(model, examples(), config, callbacks=[*m.callbacks(), watch], progress=False)
+    trainer.train(resume=resume)
+    model, report = m.finish(trainer.unwrapped_model())
+    return model, report, info, trainer, watch
+
+
+def logits(model, seed=5):
+    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("layout", ["uniform", "free"])
+def test_rounds_shrink_to_the_target_and_training_goes_on(layout, tmp_path):
+    model, report, info, trainer, watch = run(layout=layout)
+    target = info["parameters"]["target"]
+    trajectory = [t["parameters"] for t in report["trajectory"]]
+    assert trajectory[0] == info["parameters"]["start"]
+    assert all(b < a for a, b in zip(trajectory, trajectory[1:])) and len(trajectory) >= 2
+    final = count_parameters(model)
+    assert report["reached_target"] and final == trajectory[-1] == report["final_parameters"]["total"]
+    assert final <= target and target - final < 384  # at most one removal beyond: an FFN slice / a QK unit
+    assert trainer.trainable == final
+    # the optimizer kept stepping every (shrunk) parameter: its moments follow the shapes, every step counted
+    opt = trainer.optimizer.optimizer
+    for p in model.parameters():
+        state = opt.state[p]
+        assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
+        assert int(state["step"]) == STEPS
+    last_shrink = report["trajectory"][-1]["step"]
+    assert last_shrink < STEPS and watch.sizes[-1] == final
+    at_shrink, final_state = watch.states[last_shrink], model.state_dict()
+    changed = [k for k, v in final_state.items() if not torch.equal(v, at_shrink[k])]
+    assert all(final_state[k].shape == at_shrink[k].shape for k in final_state)  # the last shrink was the last
+    assert len(changed) >= len(list(model.parameters())) - 1  # then every (shrunk) weight trained on
+    layers = report["layers"]
+    if layout == "uniform":
+        assert len({(l["ffn"], l["kv_groups"]) for l in layers}) == 1
+        model.save_pretrained(tmp_path / "plain")
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+        assert count_parameters(plain) == final
+        torch.testing.assert_close(logits(plain), logits(model), atol=0, rtol=0)
+    else:
+        assert any(isinstance(layer.self_attn, CompactAttention) for layer in model.model.layers)
+
+
+def test_free_layout_reloads_with_sparseforge(tmp_path, tiny_dir):
+    from sparseforge.export import save
+    from sparseforge.loading import load_model
+
+    model, report, *_ = run(layout="free")
+    manifest = structure_manifest(model, include=manifest_includes(model))
+    save(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "free", metadata={"structure": manifest})
+    loaded, _ = load_model(str(tmp_path / "free"))
+    assert count_parameters(loaded) == count_parameters(model)
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_structured_l1_follows_the_same_rounds():
+    _, coupled, info, *_ = run("transpa")
+    _, uncoupled, info_l1, *_ = run("structured-l1")
+    assert info["parameters"] == info_l1["parameters"]
+    assert [t["step"] for t in coupled["trajectory"]] == [t["step"] for t in uncoupled["trajectory"]]
+    assert uncoupled["reached_target"] and coupled["rounds"] == uncoupled["rounds"]
+    assert "structured-l1" in method_names("train-time") and "transpa" in method_names("train-time")
+
+
+@pytest.mark.parametrize("layout", ["free", "uniform"])
+def test_resume_across_a_shrink_is_bit_identical(layout, tmp_path):
+    straight, report, *_ = run(layout=layout, checkpoint_dir=str(tmp_path / "a"))
+    with pytest.raises(KeyboardInterrupt):  # checkpoint at step 3 (after the round at step 2), killed at step 5
+        run(layout=layout, checkpoint_dir=str(tmp_path / "b"), stop_at=5)
+    resumed, resumed_report, _, trainer, _ = run(layout=layout, checkpoint_dir=str(tmp_path / "b"), resume=True, seed=1)
+    assert trainer.step == STEPS and resumed_report["trajectory"] == report["trajectory"]
+    expected, got = straight.state_dict(), resumed.state_dict()
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"target_params": 1.5}, "--target-params 1.5 must be in (0, 1)"),
+    ({"target_params": 0.0}, "must be in (0, 1)"),
+    ({"fraction": 1.0}, "--fraction 1.0 must be in (0, 1)"),
+    ({"theta": 0.0}, "--theta 0.0 must be in (0, 1)"),
+    ({"layout": "ragged"}, "--layout 'ragged' unknown"),
+    ({"round_steps": 20}, "no removal round"),
+])
+def test_bad_settings_are_one_line_errors(options, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        build_train_method("transpa", 10, {**OPTIONS, **options})
+
+
+def test_target_below_the_embeddings_is_refused_before_training():
+    m = build_train_method("transpa", 10, {**OPTIONS, "target_params": 0.1})
+    with pytest.raises(ConfigError, match="below the parameters outside the blocks"):
+        m.prepare(llama())
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def scratch_config(tmp_path, **extra):
+    path = tmp_path / "scratch.json"
+    path.write_text(json.dumps({"hidden_size": 32, "intermediate_size": 256, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                                "tie_word_embeddings": True, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--target-params", "1.2"], "--target-params 1.2 must be in (0, 1)"),
+    (["--target-params", "0.5"], "below the parameters outside the blocks"),
+    (["--fraction", "0"], "--fraction 0.0 must be in (0, 1)"),
+    (["--theta", "1"], "--theta 1.0 must be in (0, 1)"),
+    (["--from-scratch", "BERT"], "bert"),
+    (["--from-scratch", "missing-preset"], "neither a JSON config file nor a preset"),
+])
+def test_cli_bad_transpa_inputs(capsys, tmp_path, argv, fragment):
+    if "BERT" in argv:
+        bert = tmp_path / "bert.json"
+        bert.write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+        argv = [bert if a == "BERT" else a for a in argv]
+    if "--from-scratch" not in argv:
+        argv = [*argv, "--from-scratch", scratch_config(tmp_path)]
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "train", "--method", "transpa", "--steps", "4", "--round-steps", "2", "--no-eval",
+                            "--seq-len", "32", "--output", out, *argv)
+    assert code == 2 and fragment in err and err.count("\n") == 1 and err.startswith("sparseforge: error: ")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny llamas trained from scratch by the CLI: uniform (plain HF) and free (structure manifest)."""
+    root = tmp_path_factory.mktemp("transpa-cli")
+    text = root / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} and more text number {i}." for i in range(400)))
+    config = scratch_config(root)
+    outs = {}
+    for layout in ("uniform", "free"):
+        outs[layout] = root / layout
+        code = main(["train", "--method", "transpa", "--from-scratch", str(config), "--data", str(text), "--no-eval",
+                     "--steps", "6", "--round-steps", "2", "--target-params", "0.985", "--fraction", "0.5", "--theta", "0.5",
+                     "--layout", layout, "--seq-len", "32", "--batch-size", "2", "--keep", "0.3",
+                     "--output", str(outs[layout]), "--json", str(root / f"{layout}.json")])
+        assert code == 0
+    return outs, root
+
+
+def test_cli_transpa_from_scratch_outputs_load(trained):
+    from sparseforge.loading import load_model
+
+    outs, root = trained
+    for layout, path in outs.items():
+        report = json.loads((root / f"{layout}.json").read_text())["train"]["method_report"]
+        assert report["reached_target"] and report["layout"] == layout
+        meta = json.loads((path / "sparseforge.json").read_text())
+        if layout == "uniform":
+            assert "structure" not in meta
+            model = AutoModelForCausalLM.from_pretrained(path)  # vanilla transformers
+        else:
+            assert any(s["class"] == "CompactAttention" for s in meta["structure"]["modules"].values())
+            model, _ = load_model(str(path))
+        assert count_parameters(model) == report["final_parameters"]["total"]
+
+
+def test_cli_bench_speed_two_models(capsys, trained):
+    outs, root = trained
+    code, stdout, err = cli(capsys, "bench-speed", "--model", outs["uniform"], "--model", outs["free"], "--prefill-tokens", "8",
+                            "--decode-tokens", "2", "--context", "8", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                            "--json", root / "speed.json")
+    assert code == 0, err
+    assert "prefill tok/s" in stdout and "dense speed" in stdout
+    result = json.loads((root / "speed.json").read_text())
+    assert len(result["models"]) == 2 and result["machine"]
+
+
+def test_too_few_rounds_raise_k_or_fail_before_training():
+    settings = {"target_params": 0.7, "round_steps": 2, "fraction": 0.3, "theta": 0.9}
+    info = build_train_method("transpa", 20, settings).prepare(llama())  # ~14 rounds needed at K 0.3, 10 available
+    assert info["fraction_adapted"] and info["fraction_used"] == pytest.approx(0.41)
+    assert info["rounds_estimated"] <= info["rounds_available"] == 10
+    with pytest.raises(ConfigError, match="2 rounds .* cannot reach --target-params 0.7"):
+        build_train_method("transpa", 4, settings).prepare(llama())
