@@ -21,6 +21,16 @@ def tiny_model(request):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and immune to a loaded machine's thread
+    contention (two OpenMP threads spin-wait and run tiny matmuls ~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def calib_windows():
     return torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))

@@ -52,13 +52,7 @@ BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermed
 CLASSIFY = ["--task", "classify", "--keep", "0.3", "--steps", "12", "--batch-size", "8", "--seq-len", "16", "--lr", "1e-3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared, loaded 2-core machine: two OpenMP threads spin-wait and run ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -35,14 +35,7 @@ from sparseforge.structured import (
 )
 from tiny_structured import VOCAB, build, masked, random_units
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and immune to a loaded machine's thread contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model) -> int:

@@ -18,13 +18,7 @@ from sparseforge.structured import (
 )
 from tiny_structured import VOCAB, build, masked, random_units
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(batch=2, length=10, seed=0):

@@ -71,18 +71,26 @@ def _jsonl_documents(path: Path, text_field: str) -> list[str]:
     return docs
 
 
+def dataset_split(loaded, path, split: str):
+    """``(dataset, split name or None)``: a DatasetDict's "train" split for training, "validation"
+    else "test" for evaluation; a plain Dataset as it is."""
+    import datasets
+
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded, None
+    wanted = ("train",) if split == "train" else ("validation", "test")
+    name = next((s for s in wanted if s in loaded), None)
+    if name is None:
+        raise DataError(f"dataset {path} has no {' or '.join(wanted)} split (it has {', '.join(loaded)})")
+    return loaded[name], name
+
+
 def _dataset_documents(path: Path, split: str, text_field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
         raise DataError(f"{path} is a saved dataset; reading it needs `pip install datasets`") from None
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        wanted = ("train",) if split == "train" else ("validation", "test")
-        name = next((s for s in wanted if s in loaded), None)
-        if name is None:
-            raise DataError(f"dataset {path} has no {' or '.join(wanted)} split (it has {', '.join(loaded)})")
-        loaded = loaded[name]
+    loaded, _ = dataset_split(datasets.load_from_disk(str(path)), path, split)
     if text_field not in loaded.column_names:
         raise DataError(f"dataset {path} has no '{text_field}' column: pass --text-field NAME")
     return [str(t) for t in loaded[text_field]]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import DOCS_PER_CALL, SPLITS, jsonl_records, wiki_records
+from ..data import DOCS_PER_CALL, SPLITS, dataset_split, jsonl_records, wiki_records
 from ..errors import ConfigError, DataError, ModelError
 from .data import TrainExamples
 
@@ -186,13 +186,7 @@ def _has_eval_split(path: Path) -> bool:
 
 def _dataset_rows(path: Path, split: str, text_field: str, label_field: str) -> tuple[list[str], list[str], str]:
     datasets, loaded = _load_dataset(path)
-    name = None
-    if isinstance(loaded, datasets.DatasetDict):
-        wanted = ("train",) if split == "train" else ("validation", "test")
-        name = next((s for s in wanted if s in loaded), None)
-        if name is None:
-            raise DataError(f"dataset {path} has no {' or '.join(wanted)} split (it has {', '.join(loaded)})")
-        loaded = loaded[name]
+    loaded, name = dataset_split(loaded, path, split)
     where = f"dataset {path}" + (f" ({name} split)" if name else "")
     for column, option in ((text_field, "--text-field"), (label_field, "--label-field")):
         if column not in loaded.column_names:
