@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "pattern is unchanged. With --prune, prune first (one command: prune -> fine-tune "
                                    "-> evaluate). Runs under `accelerate launch` for several devices.")
     _add_model_args(p, "pruned model directory (default: embedded SmolLM2-135M, then give --prune)")
-    p.add_argument("--method", default="spp", choices=method_names(RECOVERY), help=methods_help(RECOVERY))
+    p.add_argument("--method", default="spp", help=methods_help(RECOVERY) + " (default spp)")
     p.add_argument("--data", default="wiki",
                    help="training text: wiki | FILE.txt | FILE.jsonl (text, or Alpaca instruction/input/output) | dataset dir")
     p.add_argument("--eval-data", default="wiki", help="held-out text for the perplexity before and after")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    + methods_help(TRAIN_TIME))
     _add_model_args(p, "model directory, .gguf, cached hub id, or 'encoder' (the embedded MiniLM); "
                        "default: embedded SmolLM2 for --task lm, MiniLM for --task classify")
-    p.add_argument("--method", default="losparse", choices=method_names(TRAIN_TIME), help="default losparse")
+    p.add_argument("--method", default="losparse", help=methods_help(TRAIN_TIME) + " (default losparse)")
     p.add_argument("--task", default="lm", choices=["lm", "classify"],
                    help="lm: next-token prediction, perplexity; classify: one label per text, accuracy and macro-F1")
     p.add_argument("--data", default=None,
@@ -398,7 +398,7 @@ SCRATCH_PRESETS = {
 def _family(method: str) -> str:
     from .methods import get_method_info
 
-    entry = get_method_info(method).entry or ""
+    entry = get_method_info(method, TRAIN_TIME).entry or ""
     return {"sparseforge.lowrank.method": "losparse", "sparseforge.structured.method": "transpa"}.get(
         entry.partition(":")[0], "dense")
 
