@@ -18,6 +18,7 @@ import torch
 
 from .data import check_seq_len
 from .errors import ConfigError
+from .eval.speed import parameter_bytes as model_size  # weights' parameters and bytes, tied tensors once
 from .methods import TRAIN_TIME, build_train_method, get_method_info
 from .models import get_adapter
 from .train import TrainConfig
@@ -51,19 +52,6 @@ def build_dense(name: str, steps: int, options: dict) -> DenseTraining:
     if options:
         raise ConfigError(f"dense training takes no method options (got {', '.join(options)})")
     return DenseTraining()
-
-
-def model_size(model) -> dict:
-    """Parameters and bytes of the weights (parameters and persistent buffers), tied tensors once."""
-    seen, parameters, nbytes = set(), 0, 0
-    for tensor in model.state_dict(keep_vars=True).values():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        nbytes += tensor.numel() * tensor.element_size()
-        if isinstance(tensor, torch.nn.Parameter):
-            parameters += tensor.numel()
-    return {"parameters": parameters, "bytes": nbytes}
 
 
 @dataclass
