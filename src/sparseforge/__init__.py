@@ -1,22 +1,35 @@
-"""sparseforge: make transformer language models sparse, and measure what it costs and buys."""
+"""sparseforge: make transformer language models sparse, and measure what it costs and buys.
 
-from .api import calibration_data, evaluate, prune
-from .errors import SparseforgeError
-from .eval.sparsity_report import sparsity_summary
-from .export import read_metadata, save
-from .loading import load_model
-from .sparsity.pattern import Pattern
+The public names are imported on first use, so ``sparseforge --help`` and the command line's
+early checks answer without importing torch.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Pattern",
-    "SparseforgeError",
-    "calibration_data",
-    "evaluate",
-    "load_model",
-    "prune",
-    "read_metadata",
-    "save",
-    "sparsity_summary",
-]
+_EXPORTS = {
+    "Pattern": ".sparsity.pattern",
+    "SparseforgeError": ".errors",
+    "calibration_data": ".api",
+    "evaluate": ".api",
+    "load_model": ".loading",
+    "prune": ".api",
+    "read_metadata": ".export",
+    "save": ".export",
+    "sparsity_summary": ".eval.sparsity_report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparseforge' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

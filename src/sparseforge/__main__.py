@@ -1,0 +1,7 @@
+"""``python -m sparseforge``: the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
