@@ -436,3 +436,22 @@ def test_embedded_encoder_classifies():
     default, _ = load_model(task="classify", num_labels=2)  # no source + classify = the embedded encoder too
     assert default.config.num_labels == 2 and default.config.hidden_size == 384
     assert torch.equal(default.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
+
+
+def test_a_new_classifier_head_is_left_out_of_the_model_fingerprint(bert_dirs):
+    """A resumed run re-creates the head with any seed (the checkpoint restores it): it must still match."""
+    from sparseforge.train.trainer import model_fingerprint
+
+    encoder_dir, classifier_dir, _ = bert_dirs
+    loaded = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        loaded.append(load_model(encoder_dir, task="classify", num_labels=3)[0])
+    a, b = loaded
+    assert not torch.equal(a.classifier.weight, b.classifier.weight)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    saved = load_model(classifier_dir)[0]  # its head was saved: it counts
+    before = model_fingerprint(saved)
+    with torch.no_grad():
+        saved.classifier.weight.mul_(2)
+    assert model_fingerprint(saved) != before

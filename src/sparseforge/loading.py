@@ -21,7 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
@@ -31,6 +33,7 @@ from .assets import cache_dir, embedded_encoder_dir, embedded_model_gguf
 from .errors import ConfigError, ModelError
 from .export import METADATA_FILE
 from .models import adapter_class, get_adapter
+from .models.base import NEW_WEIGHTS_ATTR
 from .models.modules import apply_config_overrides, apply_structure
 
 log = logging.getLogger(__name__)
@@ -39,14 +42,37 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 TASKS = ("lm", "classify")
 #: the source name of the embedded encoder (all-MiniLM-L6-v2); write "./encoder" for a directory of that name
 ENCODER_SOURCE = "encoder"
+#: single-file weights, then sharded indexes, in the order transformers prefers them
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: tokenizer files that are JSON: read here first, so a damaged one is named (transformers does not say which)
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise ModelError(f"cannot read GGUF file {path} ({e.strerror or _one_line(e)}): check its permissions") from None
     return h.hexdigest()[:16]
+
+
+def _gguf_error(gguf_path: Path, error: Exception) -> ModelError:
+    """Why transformers could not read a GGUF file: a damaged file, or one it cannot convert."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(gguf_path)  # slow, but only on this failure path
+    except ImportError:
+        pass
+    except Exception as e:  # numpy and gguf raise ValueError, IndexError...: any means the file is unreadable
+        return ModelError(f"cannot read GGUF file {gguf_path}: it is truncated or not GGUF ({_one_line(e)}); "
+                          "download or copy it again")
+    return ModelError(f"cannot convert GGUF file {gguf_path} ({_one_line(error)}): transformers cannot read this GGUF; "
+                      "give the model as a Hugging Face directory instead")
 
 
 def gguf_to_directory(gguf_path: Path) -> Path:
@@ -63,7 +89,7 @@ def gguf_to_directory(gguf_path: Path) -> Path:
     except ImportError as e:
         raise ModelError(f"reading GGUF needs the gguf package: pip install gguf ({e})") from None
     except Exception as e:
-        raise ModelError(f"cannot read GGUF file {gguf_path}: {e}") from None
+        raise _gguf_error(gguf_path, e) from None
     # the weights are plain float32 now; drop the quantizer so the model can be saved
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -86,6 +112,8 @@ def resolve_model_dir(source: str | os.PathLike | None) -> tuple[str, dict]:
         return str(gguf_to_directory(embedded_model_gguf())), {}
     path = Path(source)
     if path.suffix == ".gguf":
+        if path.is_dir():
+            raise ModelError(f"{path} is a directory, not a GGUF file: give the .gguf file itself")
         if not path.is_file():
             raise ModelError(f"GGUF file {path} not found: check the path")
         return str(gguf_to_directory(path)), {}
@@ -101,6 +129,101 @@ def resolve_model_dir(source: str | os.PathLike | None) -> tuple[str, dict]:
 def _one_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _read_json(path: Path, fix: str):
+    """A JSON file's content; an unreadable, empty or malformed file is one ModelError naming it and ``fix``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"cannot read {path} ({_one_line(e)}): {fix}") from None
+    if not text.strip():
+        raise ModelError(f"{path} is empty: {fix}")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ModelError(f"{path} is not valid JSON ({_one_line(e)}): {fix}") from None
+
+
+def _check_config(model_dir: Path) -> None:
+    """config.json must be a JSON object naming a model_type; one transformers does not know at all is
+    refused with sparseforge's supported families (AutoConfig's own message lists none)."""
+    path = model_dir / "config.json"
+    fix = "restore it from the original model or save the model again"
+    config = _read_json(path, fix)
+    if not isinstance(config, dict):
+        raise ModelError(f"{path} is not a JSON object: {fix}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(f"{path} has no \"model_type\": {fix}")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        archs = config.get("architectures")
+        adapter_class(model_type, archs[0] if isinstance(archs, list) and archs else None)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The weight files transformers would read from ``model_dir``; missing or unlisted ones are one ModelError."""
+    for name in WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return [model_dir / name]
+    for name in WEIGHT_INDEXES:
+        index = model_dir / name
+        if index.is_file():
+            fix = "the model directory is damaged; copy or save the model again"
+            weight_map = _read_json(index, fix)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ModelError(f"{index} has no \"weight_map\": {fix}")
+            files = [model_dir / str(f) for f in sorted(set(weight_map.values()))]
+            for path in files:
+                if not path.is_file():
+                    raise ModelError(f"weight file {path} listed in {index.name} is missing: the model directory is "
+                                     "incomplete; copy the missing shards or save the model again")
+            return files
+    raise ModelError(f"{model_dir} has a config.json but no weights ({WEIGHT_FILES[0]}): the copy is incomplete; "
+                     "copy the weight files too or save the model again")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header only (cheap): a truncated file no longer covers the sizes its header lists."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"cannot read weight file {path}: it is truncated or damaged ({_one_line(e)}); "
+                         "copy it again or save the model again") from None
+
+
+def _check_weights(model_dir: Path) -> None:
+    for path in _weight_files(model_dir):
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
+
+
+def _check_tokenizer_files(model_dir: Path) -> None:
+    for name in TOKENIZER_JSON_FILES:
+        if (model_dir / name).is_file():
+            _read_json(model_dir / name, "the tokenizer is damaged; copy the tokenizer files from the original model")
+
+
+def _load_tokenizer(name: str, extra: dict):
+    if Path(name).is_dir():
+        _check_tokenizer_files(Path(name))
+    try:
+        return AutoTokenizer.from_pretrained(name, **extra)
+    except ImportError as e:
+        raise ModelError(f"the tokenizer of {name} needs a package that is not installed ({_one_line(e)}): "
+                         "install it") from None
+    except OSError as e:
+        if extra.get("local_files_only"):
+            raise  # load_model says the hub id is not cached
+        raise ModelError(f"cannot read the tokenizer of {name} ({_one_line(e)}): its tokenizer files are missing or "
+                         "damaged; copy them from the original model") from None
+    except Exception as e:  # tokenizers raises a plain Exception for a tokenizer.json it cannot parse
+        raise ModelError(f"cannot read the tokenizer of {name} ({_one_line(e)}): its tokenizer files are missing or "
+                         "damaged; copy them from the original model") from None
 
 
 def _is_classifier(config) -> bool:
@@ -187,6 +310,12 @@ def _is_head_key(model, key: str) -> bool:
     return not (prefix and key.startswith(prefix + "."))
 
 
+def _mark_new_weights(model, keys) -> None:
+    """Record the randomly initialised weights (a new classifier head): they are not part of the model
+    that was loaded, so a resumed run's fingerprint of its starting model leaves them out."""
+    setattr(model, NEW_WEIGHTS_ATTR, frozenset(keys))
+
+
 def _report_load(model, info: dict, name: str, task: str) -> None:
     mismatched = info.get("mismatched_keys") or set()
     if mismatched:
@@ -194,6 +323,7 @@ def _report_load(model, info: dict, name: str, task: str) -> None:
         raise ModelError(f"the weights in {name} do not match its config.json ({_keys(shown, 3)}): a model with "
                          f"compact or shrunk layers needs the \"structure\" manifest of its {METADATA_FILE}; save it with sparseforge")
     missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    _mark_new_weights(model, missing)
     head = {k for k in missing if _is_head_key(model, k)} if task == "classify" else set()
     if head:
         log.info("newly initialised classifier head (%d labels): %s", model.config.num_labels, _keys(head))
@@ -238,7 +368,11 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     for path in files:
         if not path.is_file():
             raise ModelError(f"weight file {path} is missing: the model directory is incomplete; copy or save it again")
-        state.update(load_file(path))
+        try:
+            state.update(load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"cannot read weight file {path}: it is truncated or damaged ({_one_line(e)}); "
+                             "copy it again or save the model again") from None
     return state
 
 
@@ -271,7 +405,11 @@ def _load_structured(model_cls, name: str, config, manifest: dict, dtype: torch.
                          f"({'; '.join(parts)}): the weights and the manifest disagree; save the model again")
     if head:
         log.info("newly initialised classifier head (%d labels): %s", model.config.num_labels, _keys(head))
+    _mark_new_weights(model, head)
     return model
+
+
+_LOAD_FIX = "check that it is a complete Hugging Face model directory, or save the model again"
 
 
 def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", task: str | None = None,
@@ -303,16 +441,21 @@ def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", 
         name, extra = str(embedded_encoder_dir()), {}
     else:
         name, extra = resolve_model_dir(source)
+    local = Path(name).is_dir()
+    if local:
+        _check_config(Path(name))
     try:
         config = AutoConfig.from_pretrained(name, **extra)
         task = task or ("classify" if _is_classifier(config) else "lm")
-        model_cls = _model_class(config, task, name)
-        tokenizer = AutoTokenizer.from_pretrained(name, **extra)
+        model_cls = _model_class(config, task, name)  # the architecture is judged before the files are read
+        if local:
+            _check_weights(Path(name))
+        tokenizer = _load_tokenizer(name, extra)
         if task == "classify":
             _set_labels(config, num_labels, names, name)
             if adapter_class(config.model_type).causal:
                 _set_pad_token(config, tokenizer, name)
-        manifest = _structure_manifest(name) if Path(name).is_dir() else None
+        manifest = _structure_manifest(name) if local else None
         if manifest is not None:
             model = _load_structured(model_cls, name, config, manifest, DTYPES[dtype], task)
         else:
@@ -326,11 +469,14 @@ def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", 
                 f"hub id '{source}' is not in the local Hugging Face cache and there is no network: "
                 "download it where there is (`hf download ...`) or pass a local directory"
             ) from None
-        raise ModelError(f"cannot load model from {name}: {_one_line(e)}") from None
+        raise ModelError(f"cannot load model from {name} ({_one_line(e)}): {_LOAD_FIX}") from None
+    except SafetensorError as e:  # a weight file damaged past its header (the header was checked before)
+        raise ModelError(f"cannot read the weights of {name}: a weight file is truncated or damaged ({_one_line(e)}); "
+                         "copy the model again or save it again") from None
     except (ValueError, RuntimeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ModelError(f"cannot load model from {name}: {_one_line(e)}") from None
+        raise ModelError(f"cannot load model from {name} ({_one_line(e)}): {_LOAD_FIX}") from None
     get_adapter(model)  # unsupported architectures fail here, before any work
     model.eval()
     return model, tokenizer

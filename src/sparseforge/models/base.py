@@ -83,6 +83,11 @@ class ReparametrisedLinear(Protocol):
         ...
 
 
+#: set on a model by loading.load_model: the names of the weights it initialised randomly (a new classifier head),
+#: which a resumed run's fingerprint of its starting model leaves out
+NEW_WEIGHTS_ATTR = "sparseforge_new_weights"
+
+
 def is_reparametrised(module: nn.Module) -> bool:
     return isinstance(module, ReparametrisedLinear) and not isinstance(module, (nn.Linear, Conv1D))
 
