@@ -1,26 +1,169 @@
-"""Saving pruned models as plain HF directories plus ``sparseforge.json``, atomically."""
+"""Saving pruned models as plain HF directories plus ``sparseforge.json``, atomically.
+
+``save`` writes into a temporary sibling ``.NAME.tmp-<pid>-XXXX`` and renames it into place; with
+overwrite it first moves the old output into ``.NAME.old-<pid>-XXXX``. A process killed outright
+(SIGKILL, power loss) leaves those siblings behind, so every save of an output (and ``check_output``)
+first removes the ones whose writer is no longer alive, and puts an old output back if the kill
+landed between the two renames.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ConfigError, ModelError
 
+log = logging.getLogger(__name__)
+
 METADATA_FILE = "sparseforge.json"
 
 
-def check_output(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early, before any slow work, if ``output_dir`` cannot be written as asked."""
+def _one_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+# ---------------------------------------------------------------- what interrupted saves left behind
+
+
+def _sibling_prefix(out: Path, stage: str) -> str:
+    """``stage`` is "tmp" (the new output being written) or "old" (the output being replaced)."""
+    return f".{out.name}.{stage}-"
+
+
+def _writer_pid(name: str, prefix: str) -> int | None:
+    """The PID in a sibling's name; None for a name without one (written before names carried it)."""
+    match = re.fullmatch(r"(\d+)-.+", name[len(prefix):])
+    return int(match.group(1)) if match else None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _stale_siblings(out: Path, stage: str) -> list[Path]:
+    prefix = _sibling_prefix(out, stage)
+    try:
+        names = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]  # not glob: names may hold [ or *
+    except OSError:
+        return []
+    return sorted(p for p in names if not _alive(_writer_pid(p.name, prefix)))
+
+
+def clean_stale(output_dir: str | os.PathLike) -> None:
+    """Remove the temporaries of interrupted saves of ``output_dir`` whose writer is gone; if the
+    output itself is missing and one holds the old output, that is put back (a kill between the renames)."""
     out = Path(output_dir)
+    for old in _stale_siblings(out, "old"):
+        kept = old / out.name
+        if kept.is_dir() and not out.exists() and not out.is_symlink():
+            try:
+                os.replace(kept, out)
+            except OSError as e:
+                raise ConfigError(f"cannot restore {out} from {old} ({e.strerror or _one_line(e)}), left by an "
+                                  f"interrupted save: move {kept} back to {out} by hand") from None
+            log.warning("restored %s from %s, left by an interrupted save", out, old)
+        else:
+            log.warning("removing %s, left by an interrupted save of %s", old, out)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in _stale_siblings(out, "tmp"):
+        log.warning("removing %s, left by an interrupted save of %s", tmp, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- checks before any slow work
+
+
+def _check_not_input(out: Path, inputs: Iterable) -> None:
+    """The output must not be, hold or sit inside an input model: --overwrite would replace or delete it."""
+    target = out.resolve()
+    for source in inputs:
+        if source is None or not Path(source).exists():  # a hub id or the embedded model: not a path here
+            continue
+        model = Path(source).resolve()
+        if target == model:
+            raise ConfigError(f"--output {out} is the input model: choose another directory; "
+                              "--overwrite would replace your model")
+        if target in model.parents:
+            raise ConfigError(f"--output {out} contains the input model {source}: choose another directory; "
+                              "--overwrite would delete your model")
+        if model in target.parents:
+            raise ConfigError(f"--output {out} is inside the input model {source}: choose a directory outside it")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
+def _check_parent(out: Path, flag: str = "--output") -> None:
+    """The directory the output is created in (or its nearest existing ancestor) must be a writable directory."""
+    ancestor = _nearest_existing(out.absolute().parent)
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {out} cannot be created: {ancestor} is a file, not a directory; "
+                          f"choose another {flag}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out} cannot be written: directory {ancestor} is not writable; "
+                          f"choose another {flag} or fix its permissions")
+
+
+def check_output(output_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable = ()) -> Path:
+    """Fail early, before any slow work, if ``output_dir`` cannot be written as asked.
+
+    ``inputs``: the input model paths (None and hub ids are skipped): the output may not be one of
+    them, inside one or hold one. Also removes what interrupted saves of this output left behind.
+    """
+    out = Path(output_dir)
+    _check_not_input(out, inputs)
+    _check_parent(out)
+    clean_stale(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is a file: choose a directory path for --output")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"output directory {out} exists and is not empty: choose another --output or pass --overwrite")
     return out
+
+
+def check_json_path(path: str | os.PathLike | None) -> Path | None:
+    """Fail early if ``--json FILE`` cannot be written; None and "-" (standard output) pass."""
+    if path is None or str(path) == "-":
+        return None
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {target} is a directory: give a file path, e.g. {target / 'results.json'}")
+    parent = target.absolute().parent
+    ancestor = _nearest_existing(parent)
+    if not ancestor.is_dir():
+        raise ConfigError(f"--json {target} cannot be written: {ancestor} is a file, not a directory; "
+                          "choose another path")
+    if ancestor != parent:
+        raise ConfigError(f"--json {target} cannot be written: directory {parent} does not exist; "
+                          "create it or choose another path")
+    writable = os.access(target, os.W_OK) if target.exists() else os.access(parent, os.W_OK | os.X_OK)
+    if not writable:
+        raise ConfigError(f"--json {target} cannot be written: {target if target.exists() else parent} is not "
+                          "writable; choose another path or fix its permissions")
+    return target
+
+
+# ---------------------------------------------------------------- saving
 
 
 def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False,
@@ -34,7 +177,9 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
     """
     out = check_output(output_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    pid = os.getpid()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_sibling_prefix(out, 'tmp')}{pid}-", dir=out.parent))
+    old = None
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -43,22 +188,40 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
         for name, write in (extra_files or {}).items():
             write(tmp / name)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
+            # made before the renames, so nothing but the two renames lies between them; a kill there is
+            # repaired by the next save (clean_stale puts the old output back)
+            old = Path(tempfile.mkdtemp(prefix=f"{_sibling_prefix(out, 'old')}{pid}-", dir=out.parent))
+            kept = old / out.name
+            os.replace(out, kept)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
+        if old is not None and (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)  # interrupted between the renames: the old output goes back
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
 def read_metadata(model_dir: str | os.PathLike) -> dict:
-    """The ``sparseforge.json`` of a saved model ({} if it has none)."""
+    """The ``sparseforge.json`` of a saved model ({} if it has none, and for a GGUF file)."""
     path = Path(model_dir)
+    if path.suffix == ".gguf" and path.is_file():
+        return {}  # a GGUF file is a model too; it never has a sparseforge.json
     if not path.is_dir():
         raise ModelError(f"model directory {path} not found: check the path")
     meta = path / METADATA_FILE
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"cannot read {meta} ({_one_line(e)}): fix the file or delete it") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{meta} is not a JSON object: fix the file or delete it")
+    return data
