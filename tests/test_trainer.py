@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -250,3 +251,104 @@ def test_fp16_on_cpu_and_negative_weight_decay_are_refused():
         TrainConfig(mixed_precision="fp16")
     with pytest.raises(ConfigError, match="weight decay"):
         TrainConfig(weight_decay=-0.1)
+
+
+# --- checkpoint directory, damaged checkpoints, the starting model's identity ---------------------------------------
+
+
+def checkpointed(directory, steps=2, every=2, **kwargs):
+    return TrainConfig(steps=steps, batch_size=2, lr=1e-2, checkpoint_every=every, checkpoint_dir=str(directory), **kwargs)
+
+
+def test_no_checkpoint_directory_until_a_checkpoint_is_written(tmp_path, one_thread):
+    directory = tmp_path / "out.checkpoints"
+    Trainer(spp_model(), lm_examples(), checkpointed(directory, every=0), progress=False).train()
+    Trainer(spp_model(), lm_examples(), checkpointed(directory, every=0), progress=False).train(resume=True)
+    Trainer(spp_model(), lm_examples(), checkpointed(directory, steps=3, every=5), progress=False).train()
+    with pytest.raises(KeyboardInterrupt):  # killed before the first checkpoint
+        Trainer(spp_model(), lm_examples(), checkpointed(directory, steps=4, every=3), callbacks=[Counter(stop_at=2)],
+                progress=False).train()
+    assert not directory.exists()
+    Trainer(spp_model(), lm_examples(), checkpointed(directory, steps=3, every=2), progress=False).train()
+    assert sorted(p.name for p in directory.iterdir()) == ["step-0000002", "train_log.jsonl"]
+    steps = [json.loads(line)["step"] for line in (directory / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the records before the first checkpoint too
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoints")
+    Trainer(spp_model(), lm_examples(), checkpointed(directory), callbacks=[Counter()], progress=False).train()
+    return directory
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CHECKPOINT_DAMAGE = {
+    "state not JSON": lambda p: (p / "trainer_state.json").write_text('{"step": '),
+    "state not an object": lambda p: (p / "trainer_state.json").write_text("[2]"),
+    "weights cut in half": lambda p: truncate(p / "model.safetensors"),
+    "optimizer missing": lambda p: (p / "optimizer.bin").unlink(),
+    "optimizer cut in half": lambda p: truncate(p / "optimizer.bin"),
+    "optimizer of another run": lambda p: torch.save({"state": {}, "param_groups": []}, p / "optimizer.bin"),
+    "random states missing": lambda p: (p / "random_states_0.pkl").unlink(),
+    "scheduler state missing": lambda p: (p / "custom_checkpoint_0.pkl").unlink(),
+    "trainer counters garbage": lambda p: (p / "custom_checkpoint_1.pkl").write_bytes(b"\x80\x04garbage"),
+    "callback states garbage": lambda p: (p / "callback_states.pt").write_bytes(b"not a torch file"),
+    "callback states cut in half": lambda p: truncate(p / "callback_states.pt"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CHECKPOINT_DAMAGE))
+def test_a_damaged_checkpoint_is_one_config_error(checkpoint_dir, tmp_path, damage, one_thread):
+    directory = tmp_path / "ck"
+    shutil.copytree(checkpoint_dir, directory)
+    path = directory / "step-0000002"
+    CHECKPOINT_DAMAGE[damage](path)
+    trainer = Trainer(spp_model(), lm_examples(), checkpointed(directory), callbacks=[Counter()], progress=False)
+    with pytest.raises(ConfigError) as err:
+        trainer.train(resume=True)
+    message = str(err.value)
+    assert message.startswith(f"cannot resume from checkpoint {path} (") and "\n" not in message, message
+    assert message.endswith(f"delete {path} to resume from the one before, or start again without --resume")
+
+
+def test_model_fingerprint_tells_weights_apart():
+    from sparseforge.train.trainer import NEW_WEIGHTS_ATTR, model_fingerprint
+
+    a, b = spp_model(seed=0), spp_model(seed=1)
+    assert model_fingerprint(a) == model_fingerprint(spp_model(seed=0)) != model_fingerprint(b)
+    assert len(model_fingerprint(a)) == 16
+    with torch.no_grad():
+        a.model.norm.weight[0] += 1  # one value of a small tensor
+    assert model_fingerprint(a) != model_fingerprint(spp_model(seed=0))
+    # weights the loader initialised randomly (a new classifier head) are left out
+    c, d = tiny_llama(), tiny_llama()
+    for m in (c, d):
+        setattr(m, NEW_WEIGHTS_ATTR, frozenset(n for n, _ in m.named_parameters() if n != "model.norm.weight"))
+    with torch.no_grad():
+        d.model.norm.weight.copy_(c.model.norm.weight)
+    assert model_fingerprint(c) == model_fingerprint(d)
+
+
+def test_a_checkpoint_resumes_only_from_the_same_starting_model(tmp_path, one_thread):
+    from sparseforge.train.run import RunData, run_training
+
+    def run(model, steps=2, resume=None):
+        prepare = lambda m: inject_adapters(m, AdapterConfig(method="spp", spp_rank=4)) and None  # noqa: E731
+        data = RunData("lm", lm_examples(), None, {"train_fingerprint": "rows"})
+        return run_training(model, data, checkpointed(tmp_path / "ck", steps=steps), prepare=prepare, resume=resume,
+                            progress=False)[1]
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return tiny_llama()
+
+    run(model(0))
+    with pytest.raises(ConfigError, match=r"checkpoint .*step-0000002 is from a run with other settings \(model\)"):
+        run(model(1), resume=True)
+    with pytest.raises(ConfigError, match=r"other settings \(steps\)"):
+        run(model(0), steps=4, resume=True)
+    assert run(model(0), resume=True).resumed_from == 2

@@ -20,7 +20,7 @@ from ..data import fingerprint, load_windows
 from ..eval.perplexity import perplexity
 from ..measure import peak_rss_mb
 from .data import TrainExamples, training_examples
-from .trainer import Callback, TrainConfig, Trainer
+from .trainer import Callback, TrainConfig, Trainer, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,11 @@ def run_training(model, run_data: RunData, config: TrainConfig, *, prepare: Call
     function returning them, called after ``prepare`` (a method's callbacks often need the
     prepared model). ``evaluate_before=False`` skips the first evaluation (e.g. a new,
     untrained classification head scores chance).
+
+    A checkpoint is resumed only by a run with the same settings that starts from the same model:
+    the identity holds a fingerprint of the weights before ``prepare`` changes them.
     """
+    starting_model = model_fingerprint(model)
     evaluate = run_data.evaluate
     before = evaluate(model, progress=progress) if evaluate and evaluate_before else None
     method_info = dict((prepare(model) if prepare else None) or {})
@@ -123,7 +127,8 @@ def run_training(model, run_data: RunData, config: TrainConfig, *, prepare: Call
     trainer = Trainer(model, run_data.examples, config,
                       evaluate=(lambda m: evaluate(m, progress=False)) if evaluate else None,
                       callbacks=callbacks, progress=progress,
-                      identity={"train_fingerprint": run_data.info["train_fingerprint"], **(identity or {})})
+                      identity={"train_fingerprint": run_data.info["train_fingerprint"], "model": starting_model,
+                                **(identity or {})})
     result = trainer.train(resume=resume)
     model = trainer.unwrapped_model()
     if finish:

@@ -11,11 +11,13 @@ as one that was not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import shutil
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +25,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, NumericalError
+from ..errors import ConfigError, NumericalError, SparseforgeError
 from ..measure import current_rss_mb, peak_rss_mb
+from ..models.base import NEW_WEIGHTS_ATTR
 from .data import TrainExamples, batch_rows
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,38 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 STATE_FILE = "trainer_state.json"
 #: the callbacks' states again, beside accelerate's files: readable BEFORE load_state (see Callback.before_load)
 CALLBACK_STATES_FILE = "callback_states.pt"
+LOG_FILE = "train_log.jsonl"
+FINGERPRINT_SAMPLES = 4096
+
+
+def model_fingerprint(model) -> str:
+    """A cheap digest of a model's weights: each tensor's name, shape, dtype and a fixed strided sample
+    of its values. A checkpoint may only be resumed by a run that starts from the same model, and
+    hashing every weight of a large model would take seconds. Randomly initialised weights (see
+    ``NEW_WEIGHTS_ATTR``) are left out: the checkpoint restores them, whatever their seed."""
+    skip = getattr(model, NEW_WEIGHTS_ATTR, frozenset())
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name in skip:
+                continue
+            h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            if tensor.is_meta or tensor.numel() == 0:
+                continue
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
+            h.update(sample.to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:200]
+
+
+def _damaged(path: Path, detail: str) -> ConfigError:
+    return ConfigError(f"cannot resume from checkpoint {path} ({detail}): it is damaged or incomplete; delete {path} "
+                       "to resume from the one before, or start again without --resume")
 
 
 @dataclass
@@ -185,14 +220,18 @@ class Trainer:
 
         self.config = config
         # what a checkpoint must match to be resumed by this run (the caller adds its own, e.g. the adapters)
-        self.identity = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "seed": config.seed,
-                         "lr": config.lr, "schedule": config.schedule, "warmup": config.warmup,
+        # steps shapes the schedule: a run to 4 steps does not continue a run to 2 the same way
+        self.identity = {"steps": config.steps, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+                         "seed": config.seed, "lr": config.lr, "schedule": config.schedule, "warmup": config.warmup,
                          "examples": len(examples), "seq_len": examples.seq_len, **(identity or {})}
         self.examples = examples
         self.callbacks = list(callbacks)
         self.evaluate_fn = evaluate
         self.progress = progress
         self.step = 0
+        # the train log is written beside the checkpoints, from the first checkpoint on (see _start_log)
+        self.history: list[dict] = []
+        self._logging = False
         _allow_new_precision(config.mixed_precision)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
         params = [p for p in model.parameters() if p.requires_grad]
@@ -225,10 +264,24 @@ class Trainer:
     def checkpoint_path(self, step: int) -> Path:
         return Path(self.config.checkpoint_dir) / f"step-{step:07d}"
 
+    def log_path(self) -> Path | None:
+        return Path(self.config.checkpoint_dir) / LOG_FILE if self.config.checkpoint_dir else None
+
+    def _start_log(self) -> None:
+        """Write the records so far; every later step appends its own. Only a run that has a checkpoint
+        (written now or resumed) writes anything into the checkpoint directory."""
+        if self.accelerator.is_main_process:
+            path = self.log_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self._logging = True
+
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         path = self.checkpoint_path(self.step)
         tmp = path.with_name(path.name + ".tmp")
+        if not self._logging:
+            self._start_log()  # before the first checkpoint exists: a resume finds the steps before it logged
         if acc.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
@@ -256,20 +309,78 @@ class Trainer:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
+    def _required_files(self) -> list[tuple[str, ...]]:
+        """What accelerate's save_state wrote and load_state needs, each as alternatives (safetensors or
+        torch weights). FSDP and DeepSpeed write their own layouts: only the common files are checked there."""
+        from accelerate.utils import MODEL_NAME, OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_MODEL_NAME, DistributedType
+
+        acc = self.accelerator
+        files = [(f"{RNG_STATE_NAME}_{i}.pkl",) for i in range(acc.num_processes)]
+        files += [(f"custom_checkpoint_{i}.pkl",) for i in range(len(acc._custom_objects))]
+        if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+            files += [(f"{SAFE_MODEL_NAME}.safetensors", f"{MODEL_NAME}.bin"), (f"{OPTIMIZER_NAME}.bin",)]
+        return files
+
+    def _check_checkpoint_files(self, path: Path) -> None:
+        """Cheap checks that name the damaged file (load_state's own errors do not)."""
+        from safetensors import SafetensorError, safe_open
+
+        for alternatives in self._required_files():
+            found = [path / name for name in alternatives if (path / name).is_file()]
+            if not found:
+                raise _damaged(path, f"{alternatives[0]} is missing")
+            # torch.save writes zip archives, whose directory is at the end: a cut or foreign file has none
+            if found[0].suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(found[0]):
+                raise _damaged(path, f"{found[0].name} is truncated or not a torch file")
+        weights = path / "model.safetensors"
+        if weights.is_file():
+            try:
+                with safe_open(str(weights), framework="pt"):  # the header only: a truncated file fails here
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise _damaged(path, f"{weights.name}: {_one_line(e)}") from None
+
+    def _read_checkpoint_state(self, path: Path) -> dict:
         if not (path / STATE_FILE).is_file():
             raise ConfigError(f"{path} is not a complete checkpoint: give a step-NNNNNNN directory")
-        saved = json.loads((path / STATE_FILE).read_text()).get("identity", {})
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise _damaged(path, f"{STATE_FILE}: {_one_line(e)}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("identity", {}), dict):
+            raise _damaged(path, f"{STATE_FILE} is not a trainer state")
+        return state
+
+    def _read_callback_states(self, path: Path) -> list:
+        states_path = path / CALLBACK_STATES_FILE
+        if not states_path.is_file():
+            return []
+        try:
+            states = torch.load(states_path, weights_only=False)
+        except Exception as e:  # torch.load raises what its unpickler meets: EOFError, UnpicklingError, RuntimeError...
+            raise _damaged(path, f"{CALLBACK_STATES_FILE}: {_one_line(e)}") from None
+        if not isinstance(states, list):
+            raise _damaged(path, f"{CALLBACK_STATES_FILE} is not a list of callback states")
+        return states
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Resume from ``path``. Everything that can be checked is checked before the model changes."""
+        path = Path(path)
+        saved = self._read_checkpoint_state(path).get("identity", {})
         differ = sorted(k for k in set(saved) | set(self.identity) if saved.get(k) != self.identity.get(k))
         if differ:
             raise ConfigError(f"checkpoint {path} is from a run with other settings ({', '.join(differ)}): "
                               "resume with the same settings or use another --checkpoint-dir")
-        states_path = path / CALLBACK_STATES_FILE
-        states = torch.load(states_path, weights_only=False) if states_path.is_file() else []
+        self._check_checkpoint_files(path)
+        states = self._read_callback_states(path)
         for i, callback in enumerate(self.callbacks):
             callback.before_load(self, states[i] if i < len(states) else None)
-        self.accelerator.load_state(str(path))
+        try:
+            self.accelerator.load_state(str(path))
+        except SparseforgeError:
+            raise
+        except Exception as e:  # a damaged pickle or weight file raises whatever its reader meets
+            raise _damaged(path, _one_line(e)) from None
         log.info("resumed from %s (step %d)", path, self.step)
 
     # ------------------------------------------------------------------ the loop
@@ -297,13 +408,18 @@ class Trainer:
         """The records of the steps this run has already done (a resumed run's earlier part)."""
         if log_path is None or not log_path.exists():
             return []
+        try:
+            lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError as e:  # the log is the report's history only: training goes on without it
+            log.warning("cannot read %s (%s): the report will hold the steps from %d on only", log_path, e, self.step + 1)
+            return []
         records = []
-        for line in log_path.read_text().splitlines():
+        for line in lines:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-            if record.get("step", 0) <= self.step:
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= self.step:
                 records.append(record)
         return records
 
@@ -333,12 +449,12 @@ class Trainer:
             raise ConfigError(f"{config.checkpoint_dir} holds checkpoints of an earlier run: pass --resume to "
                               "continue it, or choose another --checkpoint-dir")
         result = TrainResult(steps=config.steps, resumed_from=self.step, peak_rss_before_mb=round(peak_rss_mb(), 1))
-        log_path = Path(config.checkpoint_dir) / "train_log.jsonl" if config.checkpoint_dir else None
+        log_path = self.log_path()
         # a resumed run repeats the steps after its checkpoint: keep only the records before it
-        result.history = self._read_log(log_path) if self.step else []
-        if log_path is not None and acc.is_main_process:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in result.history))
+        self.history = result.history = self._read_log(log_path) if self.step else []
+        self._logging = False
+        if self.step and log_path is not None:
+            self._start_log()  # the checkpoint directory exists: rewrite the log without the repeated steps
         for c in self.callbacks:
             c.on_train_begin(self)
         if self.step == 0 and config.eval_first_last:
@@ -390,7 +506,7 @@ class Trainer:
             for c in self.callbacks:  # callbacks add their fields before the record is kept and logged
                 c.on_step_end(self, record)
             result.history.append(record)
-            if log_path is not None and acc.is_main_process:
+            if self._logging and acc.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
