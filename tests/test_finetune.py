@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -92,8 +93,9 @@ def test_cli_resume_continues_from_the_checkpoint(tmp_path, pruned_dir, text_fil
     args = ["finetune", "--model", str(pruned_dir), "--seq-len", "32", "--batch-size", "2", "--no-eval",
             "--data", str(text_file),
             "--checkpoint-every", "2", "--checkpoint-dir", str(ckpt)]
-    assert main(args + ["--steps", "2"]) == 0
-    assert (ckpt / "step-0000002").is_dir()
+    assert main(args + ["--steps", "4"]) == 0
+    assert (ckpt / "step-0000002").is_dir() and (ckpt / "step-0000004").is_dir()
+    shutil.rmtree(ckpt / "step-0000004")  # as if the run had stopped after step 2
     assert main(args + ["--steps", "4", "--resume", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["finetune"]["resumed_from"] == 2
 
@@ -101,13 +103,13 @@ def test_cli_resume_continues_from_the_checkpoint(tmp_path, pruned_dir, text_fil
 @pytest.mark.parametrize("extra, fragment", [
     (["--sparsity", "0.5"], "need --prune"),
     (["--method", "dora"], "unknown"),
-    (["--steps", "0"], "steps 0"),
+    (["--steps", "0"], "--steps: 0 must be at least 1"),
     (["--resume"], "--resume needs"),
     (["--targets", "nope_proj"], "not in the blocks"),
     (["--data", "/no/such/file.txt"], "not found"),
-    (["--scale", "0"], "scale 0.0"),
-    (["--lora-alpha", "-1", "--method", "lora-star"], "lora alpha"),
-    (["--weight-decay", "-1"], "weight decay"),
+    (["--scale", "0"], "--scale: 0 is outside (0, inf]"),
+    (["--lora-alpha", "-1", "--method", "lora-star"], "--lora-alpha: -1 is outside"),
+    (["--weight-decay", "-1"], "--weight-decay: -1 is outside [0, inf]"),
     (["--mixed-precision", "fp16"], "bf16 on CPU"),
     (["--prune", "wanda", "--targets", "nope_proj"], "not in the blocks"),
 ])

@@ -173,10 +173,10 @@ def scratch_config(tmp_path, **extra):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--target-params", "1.2"], "--target-params 1.2 must be in (0, 1)"),
+    (["--target-params", "1.2"], "--target-params: 1.2 is outside (0, 1)"),
     (["--target-params", "0.5"], "below the parameters outside the blocks"),
-    (["--fraction", "0"], "--fraction 0.0 must be in (0, 1)"),
-    (["--theta", "1"], "--theta 1.0 must be in (0, 1)"),
+    (["--fraction", "0"], "--fraction: 0 is outside (0, 1)"),
+    (["--theta", "1"], "--theta: 1 is outside (0, 1)"),
     (["--from-scratch", "BERT"], "bert"),
     (["--from-scratch", "missing-preset"], "neither a JSON config file nor a preset"),
 ])

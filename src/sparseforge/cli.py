@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, SparseforgeError
 from .methods import ONE_SHOT, RECOVERY, TRAIN_TIME, method_names, methods_help
+from .validate import OneLineParser, fraction, integer, positive, real
 
 log = logging.getLogger("sparseforge")
 
@@ -29,37 +32,65 @@ def _add_model_args(p, model_help="local HF directory, .gguf file or cached hub 
 
 
 def _add_eval_args(p, seq_len_help: str = "tokens per window (default 512)", seq_len: int | None = 512):
-    p.add_argument("--seq-len", type=int, default=seq_len, help=seq_len_help)
-    p.add_argument("--eval-windows", type=int, default=40,
+    p.add_argument("--seq-len", type=integer(2), default=seq_len, help=seq_len_help)
+    p.add_argument("--eval-windows", type=integer(0), default=40,
                    help="evaluate on the first N held-out windows; 0 = all (default 40)")
-    p.add_argument("--eval-batch-size", type=int, default=1, help="windows per evaluation forward")
+    p.add_argument("--eval-batch-size", type=integer(1), default=1, help="windows per evaluation forward")
     p.add_argument("--text-field", default="text", help="text field of JSONL / dataset sources")
 
 
 def _add_training_args(p, lr_help: str, weight_decay: float):
     """The optimisation flags every training command shares (fields of train.TrainConfig)."""
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch (default 4)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, default=None, help=lr_help)
-    p.add_argument("--weight-decay", type=float, default=weight_decay, help=f"AdamW weight decay on matrices (default {weight_decay:g})")
-    p.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps (default 0.03)")
+    p.add_argument("--steps", type=integer(1), default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=integer(1), default=4, help="rows per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=integer(1), default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=positive("1e-4"), default=None, help=lr_help)
+    p.add_argument("--weight-decay", type=real(0.0, example="0.01"), default=weight_decay,
+                   help=f"AdamW weight decay on matrices (default {weight_decay:g})")
+    p.add_argument("--warmup", type=fraction("0.03", zero=True), default=0.03, help="warm-up fraction of the steps (default 0.03)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, dropout and batch order")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"],
-                   help="autocast compute (bf16 on CPUs with AVX-512 BF16 / recent GPUs)")
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of initialisation, dropout and batch order")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast compute; auto (default): bf16 where the CPU (AVX-512 BF16, AMX) or GPU computes it "
+                        "natively, else none (float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before and after only)")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: never)")
+    p.add_argument("--eval-every", type=integer(0), default=0, help="evaluate every N steps (default: before and after only)")
+    p.add_argument("--checkpoint-every", type=integer(0), default=0, help="checkpoint every N steps (default: never)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default OUTPUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+
+
+def _compute_dtype(requested: str) -> dict:
+    """The dtype of the forwards for this machine (``auto`` reads the CPU's features), logged and reported."""
+    from .hardware import choose_compute_dtype, cpu_features
+
+    features = cpu_features()
+    dtype, reason = choose_compute_dtype(requested, features)
+    log.info("compute dtype %s (%s)", dtype, reason)
+    return {"requested": requested, "dtype": dtype, "reason": reason, "cpu": features.get("model_name"),
+            "flags": features.get("flags")}
+
+
+def _mixed_precision(requested: str) -> dict:
+    """The trainer's autocast for this machine (``auto``: bf16 only where it is native), logged and reported."""
+    from .hardware import autocast_mixed_precision, cpu_features
+
+    features = cpu_features()
+    chosen = autocast_mixed_precision(requested, features)
+    reason = "requested" if requested != "auto" else (
+        "native bf16" if chosen == "bf16" else "no native bf16 on this machine: float32")
+    log.info("mixed precision %s (%s)", chosen, reason)
+    return {"requested": requested, "mixed_precision": chosen, "reason": reason, "cpu": features.get("model_name"),
+            "flags": features.get("flags")}
 
 
 def _training_options(args) -> dict:
     """TrainConfig fields from the shared training flags (the checkpoint directory defaults beside --output)."""
     checkpoint_dir = args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
+    args.precision = _mixed_precision(args.mixed_precision)
     options = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-                   warmup=args.warmup, schedule=args.schedule, seed=args.seed, mixed_precision=args.mixed_precision,
+                   warmup=args.warmup, schedule=args.schedule, seed=args.seed,
+                   mixed_precision=args.precision["mixed_precision"],
                    gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
                    checkpoint_every=args.checkpoint_every, checkpoint_dir=checkpoint_dir)
     if args.lr is not None:
@@ -73,11 +104,23 @@ def _override(text: str) -> tuple[str, str]:
     glob, sep, value = text.partition("=")
     if not sep or not glob or not value:
         raise argparse.ArgumentTypeError(f"'{text}' is not GLOB=SPARSITY_OR_N:M, e.g. '*.down_proj=0.6'")
+    _pattern(value)
     return glob, value
 
 
+def _pattern(text: str) -> str:
+    """A sparsity or N:M pattern, checked at once (PatternError is one line naming the fix)."""
+    from .sparsity.pattern import Pattern
+
+    try:
+        Pattern.parse(text)
+    except ConfigError as e:  # argparse would hide a ValueError's message
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparseforge", description="Make transformer LMs sparse and measure it.")
+    parser = OneLineParser(prog="sparseforge", description="Make transformer LMs sparse and measure it.")
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,27 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--method", default="sparsegpt", help=methods_help(ONE_SHOT) + " (default sparsegpt)")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", default=None, help="fraction of zeros per layer, in [0, 1) (default 0.5)")
-    target.add_argument("--pattern", default=None, help=PATTERN_HELP)
+    target.add_argument("--sparsity", type=_pattern, default=None, help="fraction of zeros per layer, in [0, 1) (default 0.5)")
+    target.add_argument("--pattern", type=_pattern, default=None, help=PATTERN_HELP)
     p.add_argument("--calib", default="wiki", help="calibration text: wiki | FILE.txt | FILE.jsonl | saved dataset dir")
-    p.add_argument("--n-calib", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    p.add_argument("--n-calib", type=integer(1), default=32, help="calibration windows (default 32)")
+    p.add_argument("--seed", type=integer(0), default=0, help="seed of the calibration window offsets")
     p.add_argument("--propagate", default="pruned", choices=["pruned", "dense"],
                    help="next block's inputs: outputs of the pruned block (default) or of the dense one")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=integer(1), default=None,
                    help="calibration windows per forward; default all at once (one pass per block)")
-    p.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the calibration forward passes (default: the model's)")
-    p.add_argument("--dampening", type=float, default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
-    p.add_argument("--block-size", type=int, default=128, help="SparseGPT column block size")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the calibration forward passes; auto (default): bfloat16 where the CPU (AVX-512 BF16, "
+                        "AMX) or GPU computes it natively, else float32 (emulated bf16 is ~10x slower)")
+    p.add_argument("--dampening", type=positive("0.01"), default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
+    p.add_argument("--block-size", type=integer(1), default=128, help="SparseGPT column block size")
+    p.add_argument("--alpha", type=positive("5"), default=None,
                    help="SparseLLM weight of the output and pre-activation terms (default: 5 SiLU-gated, 0.1 ReLU, 1 GELU)")
-    p.add_argument("--beta", type=float, default=None, help="SparseLLM weight of the activation term (default = alpha)")
-    p.add_argument("--iterations", type=int, default=4, help="SparseLLM outer iterations; 0 = SparseGPT (default 4)")
+    p.add_argument("--beta", type=positive("5"), default=None, help="SparseLLM weight of the activation term (default = alpha)")
+    p.add_argument("--iterations", type=integer(0), default=4, help="SparseLLM outer iterations; 0 = SparseGPT (default 4)")
     p.add_argument("--override", type=_override, action="append", default=[], metavar="GLOB=S",
                    help="per-layer pattern, e.g. 'model.layers.0.*=0.3' or '*.down_proj=2:4' (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers dense (repeatable)")
-    p.add_argument("--block-fraction", type=float, default=1.0, help="prune only the first fraction of blocks")
+    p.add_argument("--block-fraction", type=fraction("0.5", one=True), default=1.0, help="prune only the first fraction of blocks")
     p.add_argument("--data", default="wiki", help="evaluation text (held-out split)")
     p.add_argument("--no-eval", action="store_true", help="skip the dense and pruned perplexity")
     _add_eval_args(p)
@@ -125,19 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training text: wiki | FILE.txt | FILE.jsonl (text, or Alpaca instruction/input/output) | dataset dir")
     p.add_argument("--eval-data", default="wiki", help="held-out text for the perplexity before and after")
     _add_training_args(p, lr_help="peak learning rate (default 4e-3 SPP, 1e-3 LoRA)", weight_decay=1e-3)
-    p.add_argument("--rank", type=int, default=None,
+    p.add_argument("--rank", type=integer(1), default=None,
                    help="SPP row blocks r (default 16) / LoRA rank (default: matched to SPP's parameter count)")
-    p.add_argument("--scale", type=float, default=1.0, help="SPP delta scale (default 1)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default = rank, i.e. scale 1)")
+    p.add_argument("--scale", type=positive("1"), default=1.0, help="SPP delta scale (default 1)")
+    p.add_argument("--lora-alpha", type=positive("16"), default=None, help="LoRA alpha (default = rank, i.e. scale 1)")
     p.add_argument("--targets", default=None,
                    help="comma-separated layer names in the blocks, e.g. 'q_proj,v_proj' (default: every linear)")
     p.add_argument("--save-adapter", action="store_true", help="also save the adapter weights (adapter.safetensors)")
     p.add_argument("--prune", default=None, metavar="METHOD",
                    help=f"prune first with this one-shot method ({' | '.join(method_names(ONE_SHOT))})")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--sparsity", default=None, help="with --prune: fraction of zeros (default 0.5)")
-    target.add_argument("--pattern", default=None, help="with --prune: " + PATTERN_HELP)
-    p.add_argument("--n-calib", type=int, default=32, help="with --prune: calibration windows (default 32)")
+    target.add_argument("--sparsity", type=_pattern, default=None, help="with --prune: fraction of zeros (default 0.5)")
+    target.add_argument("--pattern", type=_pattern, default=None, help="with --prune: " + PATTERN_HELP)
+    p.add_argument("--n-calib", type=integer(1), default=32, help="with --prune: calibration windows (default 32)")
     _add_eval_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     p.add_argument("--output", default=None, help="directory for the merged model (HF format + sparseforge.json)")
@@ -160,27 +204,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out data (lm default: wiki's held-out split; classify default: every 10th record of --data, "
                         "or wiki-topics' held-out split)")
     p.add_argument("--label-field", default="label", help="label field of classification data (strings or numbers)")
-    p.add_argument("--keep", type=float, default=0.15,
+    p.add_argument("--keep", type=fraction("0.15", one=True), default=0.15,
                    help="fraction of the block linears' parameters that remain, low-rank part included (default 0.15)")
-    p.add_argument("--rank-ratio", type=float, default=0.05,
+    p.add_argument("--rank-ratio", type=fraction("0.05"), default=0.05,
                    help="LoSparse: low-rank share of each matrix, rank = ceil(ratio*out*in/(out+in)) (default 0.05)")
-    p.add_argument("--beta1", type=float, default=0.85, help="sensitivity EMA factor (default 0.85)")
-    p.add_argument("--beta2", type=float, default=1.0, help="uncertainty EMA factor; 1 = off, as in the reference (default 1)")
-    p.add_argument("--initial-steps", type=int, default=None, help="steps before pruning starts (default 10%% of --steps)")
-    p.add_argument("--final-steps", type=int, default=None, help="steps at the final budget (default 30%% of --steps)")
-    p.add_argument("--mask-interval", type=int, default=None,
+    p.add_argument("--beta1", type=fraction("0.85", zero=True), default=0.85, help="sensitivity EMA factor (default 0.85)")
+    p.add_argument("--beta2", type=fraction("1", one=True), default=1.0,
+                   help="uncertainty EMA factor; 1 = off, as in the reference (default 1)")
+    p.add_argument("--initial-steps", type=integer(0), default=None, help="steps before pruning starts (default 10%% of --steps)")
+    p.add_argument("--final-steps", type=integer(0), default=None, help="steps at the final budget (default 30%% of --steps)")
+    p.add_argument("--mask-interval", type=integer(1), default=None,
                    help="steps between maskings in the cubic phase (default min(10, steps/50))")
     p.add_argument("--pruned-rows", default="stay", choices=["stay", "train"],
                    help="stay: a pruned row never returns (default); train: the reference's (zeroed at each masking, "
                         "trained in between)")
-    p.add_argument("--target-params", type=float, default=0.7,
+    p.add_argument("--target-params", type=fraction("0.7"), default=0.7,
                    help="transpa / structured-l1: fraction of ALL the model's parameters (embeddings included) to "
                         "reach (default 0.7)")
-    p.add_argument("--round-steps", type=int, default=None,
+    p.add_argument("--round-steps", type=integer(1), default=None,
                    help="transpa / structured-l1: steps per removal round (default: a tenth of --steps)")
-    p.add_argument("--fraction", type=float, default=0.3,
+    p.add_argument("--fraction", type=fraction("0.3"), default=0.3,
                    help="transpa / structured-l1: share K of the couples each round selects (default 0.3)")
-    p.add_argument("--theta", type=float, default=0.9,
+    p.add_argument("--theta", type=fraction("0.9"), default=0.9,
                    help="transpa / structured-l1: unit mass a selected couple keeps (default 0.9)")
     p.add_argument("--layout", default="uniform", choices=["uniform", "free"],
                    help="transpa / structured-l1: uniform = same sizes in every layer, a plain HF checkpoint (default); "
@@ -189,10 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train a new randomly initialised LLaMA-style decoder instead of --model: a JSON file of "
                         f"LlamaConfig fields or a preset ({', '.join(sorted(SCRATCH_PRESETS))}); the embedded SmolLM2 "
                         "tokenizer's vocabulary")
-    _add_training_args(p, lr_help="peak learning rate (default 1e-4)", weight_decay=0.01)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per example (default 512 lm, 128 classify)")
-    p.add_argument("--eval-windows", type=int, default=40, help="lm: the first N held-out windows; 0 = all (default 40)")
-    p.add_argument("--eval-batch-size", type=int, default=None, help="examples per evaluation forward")
+    _add_training_args(p, lr_help="peak learning rate (default 1e-4 for --task lm, 5e-4 for classify)", weight_decay=0.01)
+    p.add_argument("--seq-len", type=integer(2), default=None, help="tokens per example (default 512 lm, 128 classify)")
+    p.add_argument("--eval-windows", type=integer(0), default=40, help="lm: the first N held-out windows; 0 = all (default 40)")
+    p.add_argument("--eval-batch-size", type=integer(1), default=None, help="examples per evaluation forward")
     p.add_argument("--text-field", default="text", help="text field of JSONL / CSV / dataset sources")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation before and after")
     p.add_argument("--export", default="compact", choices=["compact", "dense"],
@@ -218,13 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=None,
                    help="model directory, .gguf, cached hub id or 'encoder' (repeatable; default: the embedded SmolLM2 once)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--prefill-tokens", type=int, default=512, help="prefill context length (default 512)")
-    p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens decoded with the KV cache (default 64)")
-    p.add_argument("--context", type=int, default=512, help="context before decoding (default 512)")
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per forward (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="measured rounds (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--prefill-tokens", type=integer(1), default=512, help="prefill context length (default 512)")
+    p.add_argument("--decode-tokens", type=integer(0), default=64, help="greedy tokens decoded with the KV cache (default 64)")
+    p.add_argument("--context", type=integer(1), default=512, help="context before decoding (default 512)")
+    p.add_argument("--batch-size", type=integer(1), default=1, help="sequences per forward (default 1)")
+    p.add_argument("--repeats", type=integer(1), default=5, help="measured rounds (default 5)")
+    p.add_argument("--warmup", type=integer(0), default=1, help="unmeasured rounds first (default 1)")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: torch's)")
     p.add_argument("--memory", action="store_true", help="also the peak memory of each model, in a fresh process each")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results (with the machine's features) here")
 
@@ -235,14 +280,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_paths(args, inputs: tuple = ()) -> None:
+    """--output and --json can be written as asked, and --output is not an input: before any work."""
+    from .export import check_json_path, check_output
+
+    if getattr(args, "output", None):
+        check_output(args.output, getattr(args, "overwrite", False),
+                     inputs=[p for p in (getattr(args, "model", None), *inputs) if p])
+    if getattr(args, "json", None) and args.json != "-":
+        check_json_path(args.json)
+
+
 def _write_json(path: str | None, payload: dict) -> None:
+    """JSON to stdout ("-") or to ``path``, written whole or not at all."""
     if path:
         text = json.dumps(payload, indent=2) + "\n"
         if path == "-":
             sys.stdout.write(text)
         else:
-            with open(path, "w") as f:
-                f.write(text)
+            tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
 
 def _eval(model, tokenizer, args) -> dict:
@@ -256,26 +317,26 @@ def _eval(model, tokenizer, args) -> dict:
 
 def cmd_prune(args) -> int:
     from .api import calibration_data, prune
-    from .export import check_output, save
+    from .export import save
     from .loading import load_model
     from .measure import peak_rss_mb
     from .oneshot.engine import OneShotConfig
     from .oneshot.methods import get_method
+    from .preflight import check_prune_plan
     from .sparsity.pattern import Pattern
 
     started = time.perf_counter()
     pattern = Pattern.parse(args.pattern if args.pattern is not None else (args.sparsity or "0.5"))
-    # validate every setting before the slow steps
+    # every setting is checked before the slow steps: numbers, paths, then the pattern against the layers
+    compute = _compute_dtype(args.compute_dtype)
     config = OneShotConfig(
         method=args.method, pattern=pattern, overrides=dict(args.override), skip=tuple(args.skip),
         block_fraction=args.block_fraction, propagate=args.propagate, batch_size=args.batch_size,
-        compute_dtype=args.compute_dtype, dampening=args.dampening, block_size=args.block_size,
+        compute_dtype=compute["dtype"], dampening=args.dampening, block_size=args.block_size,
         alpha=args.alpha, beta=args.beta, iterations=args.iterations,
     )
-    if args.block_size < 1:
-        raise ConfigError(f"--block-size {args.block_size} must be at least 1")
-    if args.output:
-        check_output(args.output, args.overwrite)
+    _check_paths(args)
+    check_prune_plan(args.model, config)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     calibration = None
     if get_method(args.method).stats_kind is not None:
@@ -289,6 +350,7 @@ def cmd_prune(args) -> int:
     results = {
         "model": args.model or "embedded:SmolLM2-135M-Instruct",
         "dtype": args.dtype,
+        "compute_dtype": compute,
         "pruning": report.to_dict(),
         "metrics": {
             "dense": dense,
@@ -314,7 +376,7 @@ def cmd_prune(args) -> int:
 
 def cmd_finetune(args) -> int:
     from .api import evaluate, prune
-    from .export import check_output, read_metadata, save
+    from .export import read_metadata, save
     from .loading import load_model
     from .peft import AdapterConfig, target_layers
     from .recovery import finetune, save_adapter
@@ -329,8 +391,12 @@ def cmd_finetune(args) -> int:
     train = _training_options(args)
     TrainConfig(steps=args.steps, **train)  # validate before the slow steps
     AdapterConfig(method=args.method, rank=args.rank, scale=args.scale, lora_alpha=args.lora_alpha)
-    if args.output:
-        check_output(args.output, args.overwrite)
+    _check_paths(args)
+    if args.prune:
+        from .oneshot.engine import OneShotConfig
+        from .preflight import check_prune_plan
+
+        check_prune_plan(args.model, OneShotConfig(method=args.prune, pattern=pattern))
     model_dir = Path(args.model) if args.model else None
     previous = read_metadata(model_dir) if model_dir is not None and model_dir.is_dir() else {}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -357,6 +423,7 @@ def cmd_finetune(args) -> int:
     results = {
         "model": args.model or "embedded:SmolLM2-135M-Instruct",
         "dtype": args.dtype,
+        "mixed_precision": args.precision,
         "pruning": pruning,
         "finetune": summary,
         "metrics": {
@@ -469,7 +536,7 @@ def _drop(options: dict, key: str) -> dict:
 def cmd_train(args) -> int:
     import torch
 
-    from .export import check_output, save
+    from .export import save
     from .loading import load_model
     from .measure import peak_rss_mb
     from .methods import build_train_method
@@ -490,8 +557,7 @@ def cmd_train(args) -> int:
         if args.task != "lm":
             raise ConfigError("--from-scratch builds a causal LM decoder: use --task lm")
         _scratch_config(args.from_scratch)  # a bad config fails before the slow steps
-    if args.output:
-        check_output(args.output, args.overwrite)
+    _check_paths(args)
     splits, labels = None, None
     if args.task == "classify":
         from .train.labelled import classification_splits
@@ -524,6 +590,7 @@ def cmd_train(args) -> int:
         "model": (f"from-scratch:{args.from_scratch}" if args.from_scratch is not None else
                   args.model or ("embedded:SmolLM2-135M-Instruct" if args.task == "lm" else "embedded:all-MiniLM-L6-v2")),
         "dtype": args.dtype,
+        "mixed_precision": args.precision,
         "train": report.to_dict(),
         "export": exported,
         "metrics": {"before": run["metrics_before"], "after": run["metrics_after"],
@@ -582,6 +649,7 @@ def cmd_eval(args) -> int:
     from .loading import load_model
     from .training import DEFAULT_SEQ_LEN
 
+    _check_paths(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype, task=args.task)
     if getattr(model.config, "architectures", None) and model.config.architectures[0].endswith("ForSequenceClassification") \
             or args.task == "classify":
@@ -620,8 +688,9 @@ def cmd_info(args) -> int:
     from .export import read_metadata
     from .loading import load_model
 
+    _check_paths(args)
     if args.model is not None:
-        read_metadata(args.model)  # a clear error for a missing directory
+        read_metadata(args.model)  # a clear error for a missing model
     model, _ = load_model(args.model)
     summary = sparsity_summary(model)
     meta = read_metadata(args.model) if args.model else {}
@@ -662,6 +731,7 @@ def cmd_bench_speed(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ConfigError("--warmup must be at least 0 and --threads at least 1")
+    _check_paths(args)
     config = SpeedConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, context=args.context,
                          batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
     sources = args.model or [None]
@@ -685,18 +755,58 @@ COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "train": cmd_train, "e
             "bench-speed": cmd_bench_speed}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that every cleanup (``finally``) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(name)s %(message)s",
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad command line (one line, printed by the parser)
+        return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s %(message)s",
                         stream=sys.stderr)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except SparseforgeError as e:
-        print(f"sparseforge: error: {e}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"sparseforge: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sparseforge: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        _close_progress_bars()
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"sparseforge: {what}; no output was written{_kept_checkpoints(args)}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _close_progress_bars() -> None:
+    """End the bars an interruption left open, so the last line on stderr is the message, not a bar."""
+    if "tqdm" in sys.modules:
+        from tqdm.std import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _kept_checkpoints(args) -> str:
+    """An interrupted training run keeps the checkpoints it was asked to write: say where they are."""
+    if not getattr(args, "checkpoint_every", 0):
+        return ""
+    directory = args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
+    if directory and any(Path(directory).glob("step-*")):
+        return f" (the checkpoints in {directory} are kept: add --resume to continue)"
+    return ""
 
 
 if __name__ == "__main__":

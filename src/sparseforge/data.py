@@ -96,6 +96,20 @@ def _dataset_documents(path: Path, split: str, text_field: str) -> list[str]:
     return [str(t) for t in loaded[text_field]]
 
 
+def _binary_share(head: bytes) -> float:
+    """Share of ``head`` that is NUL/control bytes or undecodable as UTF-8."""
+    if not head:
+        return 0.0
+    text = head.decode("utf-8", errors="replace")
+    bad = sum(1 for ch in text if ch == "\ufffd" or (ord(ch) < 32 and ch not in "\t\n\r\f"))
+    return bad / max(1, len(text))
+
+
+def looks_binary(raw: bytes) -> bool:
+    """True for data that is probably not text (a model file, an archive...) passed as text by mistake."""
+    return _binary_share(raw[:4096]) > 0.1
+
+
 def load_documents(source: str, split: str = "train", text_field: str = "text") -> list[str]:
     """The documents of a text source for one split."""
     if split not in SPLITS:
@@ -111,7 +125,12 @@ def load_documents(source: str, split: str = "train", text_field: str = "text") 
         elif path.suffix == ".jsonl":
             docs = _jsonl_documents(path, text_field)
         else:
-            docs = [path.read_text(encoding="utf-8", errors="replace")]
+            raw = path.read_bytes()
+            if looks_binary(raw):
+                log.warning("%s looks like a binary file, not text (%d%% of its first 4 KiB are control bytes or not "
+                            "UTF-8): check --calib/--data", path, round(100 * _binary_share(raw[:4096])))
+            # as read_text would: universal newlines
+            docs = [raw.decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"data {source} ({split}) holds no text: give a non-empty source")

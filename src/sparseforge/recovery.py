@@ -92,6 +92,9 @@ def finetune(
     run_data = lm_data(tokenizer, data=data, eval_data=eval_data, seq_len=seq_len, text_field=text_field,
                        eval_windows=eval_windows, evaluate=evaluate)
     masks_before = zero_masks(model, layers)
+    if method != "lora" and not any(bool(m.any()) for m in masks_before.values()):
+        log.warning("the model has no zeros in its %d target layers: %s keeps a zero pattern, so this is plain "
+                    "fine-tuning; prune first (--prune METHOD, or a pruned --model)", len(layers), method)
     state = {}
 
     def inject(m) -> dict:

@@ -325,6 +325,41 @@ class _FFNPruner:
                             self.pruned[n].numel()) for r, n in self.roles.items()]
 
 
+def plan_layers(model: nn.Module, config: OneShotConfig) -> list[dict[str, Pattern]]:
+    """Every block's ``{layer name: pattern}``, checked against the layers' widths and names.
+
+    Works on a model built on the meta device (names and shapes, no weights), so the command
+    line refuses an impossible setting before it loads anything: an N:M whose M does not
+    divide a layer's input width, an override or skip glob that matches no layer (a typo
+    would otherwise be ignored), or skips that leave nothing to prune.
+    """
+    adapter = get_adapter(model)
+    blocks = adapter.blocks
+    n_pruned_blocks = math.ceil(config.block_fraction * len(blocks))
+    names: list[str] = []
+    plan: list[dict[str, Pattern]] = []
+    for index, block in enumerate(blocks):
+        prefix = adapter.block_prefix(index)
+        layers = {}
+        for name, module in adapter.block_linears(block).items():
+            names.append(f"{prefix}.{name}")
+            if index >= n_pruned_blocks:
+                continue
+            pattern = config.pattern_for(f"{prefix}.{name}")
+            if pattern is not None:
+                pattern.check_width(in_features(module), f"{prefix}.{name}")
+                layers[name] = pattern
+        plan.append(layers)
+    for flag, globs in (("--override", list(config.overrides)), ("--skip", list(config.skip))):
+        for glob in globs:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise ConfigError(f"{flag} '{glob}' matches no layer (they are named like '{names[0]}'): fix the glob; "
+                                  "`sparseforge info MODEL --layers` lists them")
+    if not any(plan):
+        raise ConfigError(f"--skip {' '.join(config.skip)} leaves no layer to prune: drop a --skip (or raise --block-fraction)")
+    return plan
+
+
 def prune_model(
     model: nn.Module, calibration: torch.Tensor | None, config: OneShotConfig, progress: bool = True
 ) -> OneShotReport:
@@ -333,20 +368,7 @@ def prune_model(
     method = get_method(config.method)
     adapter = get_adapter(model)
     blocks = adapter.blocks
-    n_pruned_blocks = math.ceil(config.block_fraction * len(blocks))
-
-    # plan every layer up front so a bad pattern fails before any work
-    plan: list[dict[str, Pattern]] = []
-    for index, block in enumerate(blocks):
-        layers = {}
-        if index < n_pruned_blocks:
-            prefix = adapter.block_prefix(index)
-            for name, module in adapter.block_linears(block).items():
-                pattern = config.pattern_for(f"{prefix}.{name}")
-                if pattern is not None:
-                    pattern.check_width(in_features(module), f"{prefix}.{name}")
-                    layers[name] = pattern
-        plan.append(layers)
+    plan = plan_layers(model, config)  # a bad pattern or glob fails before any work
     last_block = max((i for i, layers in enumerate(plan) if layers), default=-1)
 
     options = {"block_size": config.block_size, "dampening": config.dampening}

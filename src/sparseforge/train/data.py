@@ -92,6 +92,8 @@ def read_instructions(path: str | Path) -> list[dict]:
         records.append(record)
     if not records:
         raise DataError(f"{path} holds no instructions: give a non-empty Alpaca JSONL file")
+    if not any(str(r["output"]).strip() for r in records):
+        log.warning("every response ('output') in %s is empty: the model would learn to stop at once; check the file", path)
     return records
 
 
