@@ -31,6 +31,9 @@ class MethodInfo:
 
 
 _LOSPARSE = "sparseforge.lowrank.method:build_method"
+#: train-time learning rates by task. Classification at short budgets: on MiniLM / wiki-topics, 120 steps,
+#: 5e-4 beat 1e-4 for every method (dense 85.4 vs 80.6% accuracy, LoSparse keep 20% 77.7 vs 58.6%)
+_TRAIN_LR = {"lr": 1e-4, "lr_classify": 5e-4}
 _TRANSPA = "sparseforge.structured.method:build_method"
 
 _ALL = (
@@ -42,17 +45,17 @@ _ALL = (
     MethodInfo("lora-star", RECOVERY, "LoRA merged, then the original zero pattern re-applied", {"lr": 1e-3}),
     MethodInfo("lora", RECOVERY, "plain LoRA merged (fills the zeros in; shown for comparison)", {"lr": 1e-3}),
     MethodInfo("losparse", TRAIN_TIME, "W = U V + S, S's output rows pruned by sensitivity on a cubic schedule",
-               {"lr": 1e-4}, entry=_LOSPARSE),
+               _TRAIN_LR, entry=_LOSPARSE),
     MethodInfo("itp", TRAIN_TIME, "the same scores and schedule on the rows of W itself (no low-rank part)",
-               {"lr": 1e-4}, entry=_LOSPARSE),
-    MethodInfo("lowrank", TRAIN_TIME, "U V only, the rank chosen to spend the same budget", {"lr": 1e-4},
+               _TRAIN_LR, entry=_LOSPARSE),
+    MethodInfo("lowrank", TRAIN_TIME, "U V only, the rank chosen to spend the same budget", _TRAIN_LR,
                entry=_LOSPARSE),
     MethodInfo("transpa", TRAIN_TIME, "coupled Fisher importance + coupled L1 removal: physically smaller layers",
-               {"lr": 1e-4}, entry=_TRANSPA),
+               _TRAIN_LR, entry=_TRANSPA),
     MethodInfo("structured-l1", TRAIN_TIME,
-               "uncoupled: each matrix's rows/columns by their own L1 norm, same trajectory", {"lr": 1e-4},
+               "uncoupled: each matrix's rows/columns by their own L1 norm, same trajectory", _TRAIN_LR,
                entry=_TRANSPA),
-    MethodInfo("dense", TRAIN_TIME, "plain fine-tuning of every weight (the quality ceiling)", {"lr": 1e-4},
+    MethodInfo("dense", TRAIN_TIME, "plain fine-tuning of every weight (the quality ceiling)", _TRAIN_LR,
                entry="sparseforge.training:build_dense"),
 )
 
@@ -82,9 +85,10 @@ def build_train_method(name: str, steps: int, options: dict | None = None):
     return getattr(importlib.import_module(module), function)(name, steps, dict(options or {}))
 
 
-def default_lr(name: str) -> float:
-    """The learning rate a method trains with when none is given."""
-    return get_method_info(name).defaults["lr"]
+def default_lr(name: str, task: str = "lm") -> float:
+    """The learning rate a method trains with when none is given (for ``task``, where it differs)."""
+    defaults = get_method_info(name).defaults
+    return defaults.get(f"lr_{task}", defaults["lr"])
 
 
 def methods_help(kind: str) -> str:

@@ -19,7 +19,7 @@ import torch
 from .data import check_seq_len
 from .errors import ConfigError
 from .eval.speed import parameter_bytes as model_size  # weights' parameters and bytes, tied tensors once
-from .methods import TRAIN_TIME, build_train_method, get_method_info
+from .methods import TRAIN_TIME, build_train_method, default_lr, get_method_info
 from .models import get_adapter
 from .train import TrainConfig
 from .train.run import TASKS, classification_data, lm_data, run_training
@@ -80,10 +80,10 @@ def train(model, tokenizer, *, method: str = "losparse", task: str = "lm", data=
     have been loaded with those labels. ``method_options`` are the method's own settings
     (LoSparse: keep, rank_ratio, ...); other keyword options are TrainConfig fields.
     """
-    info = get_method_info(method, TRAIN_TIME)
+    get_method_info(method, TRAIN_TIME)  # an unknown or wrong-kind name fails here
     if task not in TASKS:
         raise ConfigError(f"task '{task}' unknown: choose from {', '.join(TASKS)}")
-    train_options.setdefault("lr", info.defaults["lr"])
+    train_options.setdefault("lr", default_lr(method, task))
     config = TrainConfig(eval_first_last=False, **train_options)
     train_method = build_train_method(method, config.steps, method_options)
     seq_len = seq_len or DEFAULT_SEQ_LEN[task]
