@@ -40,6 +40,8 @@ class TrainExamples:
 
     #: keyword arguments for the model's forward besides the batch (a causal LM keeps no KV cache in training)
     model_kwargs: dict = {"use_cache": False}
+    #: what ``loss_units`` counts, for the throughput in logs
+    loss_unit: str = "tok"
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, kind: str):
         if input_ids.shape[0] == 0:

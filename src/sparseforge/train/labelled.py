@@ -286,6 +286,7 @@ class ClassificationExamples(TrainExamples):
 
     #: an encoder's forward takes no use_cache
     model_kwargs: dict = {}
+    loss_unit: str = "ex"
 
     def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
                  label_set: LabelSet | None = None, pad_token_id: int | None = None):

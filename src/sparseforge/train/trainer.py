@@ -500,6 +500,7 @@ class Trainer:
             for c in self.callbacks:
                 c.on_optimizer_step(self)
             seconds = time.perf_counter() - t0
+            # "tokens" counts loss terms: tokens for language modelling, examples for classification
             record = {"step": self.step, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "seconds": seconds, "tokens_per_s": tokens * acc.num_processes / seconds,
                       "rss_mb": current_rss_mb()}
@@ -510,10 +511,11 @@ class Trainer:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_mean:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            unit = self.examples.loss_unit  # tokens for language modelling, examples for classification
+            bar.set_postfix({"loss": f"{loss_mean:.4f}", f"{unit}/s": f"{record['tokens_per_s']:.0f}"})
             if config.log_every and self.step % config.log_every == 0:
-                log.info("step %d/%d loss %.4f lr %.3g %.0f tok/s", self.step, config.steps, loss_mean, lr,
-                         record["tokens_per_s"])
+                log.info("step %d/%d loss %.4f lr %.3g %.0f %s/s", self.step, config.steps, loss_mean, lr,
+                         record["tokens_per_s"], unit)
             if config.eval_every and self.step % config.eval_every == 0 and self.step < config.steps:
                 self._evaluate(result)
             if config.checkpoint_every and self.step % config.checkpoint_every == 0:
