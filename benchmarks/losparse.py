@@ -35,7 +35,7 @@ from common import ROOT, THREADS, WORK, run_child, write_results_section
 
 OUT = WORK / "losparse"
 KEEPS = (0.2, 0.15, 0.1)
-ENCODER = {"steps": 120, "batch_size": 16, "seq_len": 128, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06}
+ENCODER = {"steps": 120, "batch_size": 16, "seq_len": 128, "lr": 5e-4, "weight_decay": 0.01, "warmup": 0.06}
 LM = {"steps": 24, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06, "keep": 0.5}
 
 
