@@ -1,0 +1,857 @@
+#!/usr/bin/env python
+"""TranSpa benchmark: coupled structured sparse training vs its uncoupled baseline, quality, size and speed.
+
+    .venv/bin/python benchmarks/transpa.py                    # every suite, reusing stored runs
+    .venv/bin/python benchmarks/transpa.py --suite scratch    # pre-training a small LLaMA from random init
+    .venv/bin/python benchmarks/transpa.py --suite smol       # SmolLM2-135M pruned to 80% / 70% while training
+    .venv/bin/python benchmarks/transpa.py --suite speed      # prefill / decode speed of the saved 70% models
+    .venv/bin/python benchmarks/transpa.py --suite encoder    # MiniLM on wiki-topics to 60% of its parameters
+    .venv/bin/python benchmarks/transpa.py --docs-only        # rebuild the tables from stored runs
+    .venv/bin/python benchmarks/transpa.py --fresh            # rerun stored runs too
+    .venv/bin/python benchmarks/transpa.py --smoke            # every setting shrunk: an end-to-end check in minutes
+
+scratch: a small LLaMA (hidden 256, 4 layers, SwiGLU FFN 768, 8 heads / 4 KV
+heads, tied embeddings) with a byte-level BPE vocabulary of 8192 tokens trained
+on the wiki train split (so the LM head does not dominate compute), trained
+from random initialisation on the same tokens four times: dense; TranSpa to
+60% of the block (non-embedding) parameters (free layout); structured-l1 to
+the same target on the same rounds; and a dense model of TranSpa's final size
+trained from scratch. Perplexity on held-out wiki windows during training.
+
+smol: the embedded SmolLM2-135M pruned to 70% and 80% of its parameters while
+training on wiki (uniform and free layouts), TranSpa vs structured-l1;
+perplexity on the 40 held-out windows of 512 tokens. The 70% TranSpa models
+are saved for the speed suite.
+
+speed: dense SmolLM2 vs the saved 70% uniform and free TranSpa models, prefill
+and decode tokens/s interleaved in one process, and each model's peak memory
+in its own process.
+
+encoder: the embedded MiniLM-L6 fine-tuned on wiki-topics while pruned to 60%
+of its parameters (free layout: BERT's uniform layout can only shrink FFNs,
+which cannot reach 60%; K 0.6, see ENCODER_FRACTION), TranSpa vs
+structured-l1, the losparse benchmark's settings; its dense fine-tuning is
+read from benchmarks/work/losparse/.
+
+Each run is its own process and stores its JSON under benchmarks/work/transpa/
+(--smoke: benchmarks/work/transpa-smoke/, whose tables and plots go to its
+docs/ subdirectory, never to docs/). The tables (docs/results.md, transpa
+section), docs/results_transpa.json and the plots docs/transpa_*.png are built
+from every stored run whose settings match the constants below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import ROOT, THREADS, WORK, run_child, write_results_section
+
+SMOKE = False  # --smoke: every setting shrunk, everything under WORK / "transpa-smoke"
+OUT = WORK / "transpa"
+
+# ---------------------------------------------------------------- settings
+# Round schedule (all suites): TranSpa's default K = 30% of the couples and θ = 0.9 per round; the round
+# length is chosen so that the estimated rounds (evenly spread unit masses) reach the target by REACH_BY of
+# the steps, then training continues at the final size; K is raised only if even one-step rounds cannot.
+ROUNDS = {"fraction": 0.3, "theta": 0.9, "reach_by": 0.6}
+
+#: the scratch model; 8 heads of 32 dims, 2 query heads per KV group
+SCRATCH_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
+                 "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": True}
+# lr 1e-3 peak, 5% linear warm-up, cosine to 0: the usual peak for ~5M-parameter decoders (GPT-3 small used 6e-4
+# at 125M; smaller models tolerate more); the warm-up keeps AdamW's first moments from blowing up at random init.
+# Weight decay 0.1 as in LLaMA pre-training. Every run sees the same tokens (only the model differs).
+# SCRATCH_STEPS: 200 steps x 16 x 256 = 819k tokens (0.76 epochs of the wiki train split). A step is about
+# 35 MFLOP per token x 4096 tokens = 0.14 TFLOP. The smoke measured 9.5 s per dense step with the machine at a
+# load of ~4 (our process got about half of the 2 cores), i.e. ~4.5-5 s idle: a dense run is ~16 min on an
+# idle machine (~32 min at that load); TranSpa / structured-l1 add their rounds. The free layout (the paper's):
+# in the uniform layout attention loses whole KV groups chosen by Fisher alone, the same for both scorers.
+SCRATCH_STEPS = 200
+SCRATCH = {"model": SCRATCH_MODEL, "vocab": 8192, "steps": SCRATCH_STEPS, "batch_size": 16, "seq_len": 256,
+           "lr": 1e-3, "weight_decay": 0.1, "warmup": 0.05, "eval_every": SCRATCH_STEPS // 10, "eval_windows": 100,
+           "eval_batch_size": 10, "keep_blocks": 0.6, "layout": "free", **ROUNDS}
+SMOL = {"steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06,
+        "eval_seq_len": 512, "eval_windows": 40, **ROUNDS}
+SMOL_DENSE_PERPLEXITY = 14.10  # the one-shot tables' dense SmolLM2-135M on the same 40 x 512 windows
+#: benchmarks/losparse.py's ENCODER settings (copied: its stored dense run is compared only if they match)
+ENCODER_TRAIN = {"steps": 120, "batch_size": 16, "seq_len": 128, "lr": 5e-4, "weight_decay": 0.01, "warmup": 0.06}
+# K 0.6 for the encoder: at TranSpa's 0.3 the rounds stall near 89% of the parameters (a 72-round probe): Fisher
+# keeps selecting QK couples that are down to ~9 dims of similar mass, where the θ rule removes nothing, so VO and
+# FFN couples are seldom selected; at 0.6 a probe reached 60% by round ~61 of 72. Both methods use the same K.
+ENCODER_FRACTION = 0.6
+ENCODER = {**ENCODER_TRAIN, "target": 0.6, "layout": "free", **ROUNDS, "fraction": ENCODER_FRACTION}
+SPEED = {"prefill_tokens": 512, "decode_tokens": 64, "context": 512, "batch_size": 1, "repeats": 5, "warmup": 1}
+
+#: --smoke: the scratch model and its tokens per step stay full size (its step time is what the full budget
+#: is estimated from); everything else shrinks. θ 0.5 lets the targets be reached in a handful of rounds.
+SMOKE_ROUNDS = {"theta": 0.5}
+SMOKE_SETTINGS = {
+    "scratch": {**SCRATCH, **SMOKE_ROUNDS, "steps": 6, "eval_every": 3, "eval_windows": 4, "eval_batch_size": 4},
+    "smol": {**SMOL, **SMOKE_ROUNDS, "steps": 3, "batch_size": 1, "seq_len": 64, "eval_windows": 2},
+    "encoder": {**ENCODER, **SMOKE_ROUNDS, "steps": 8, "batch_size": 4, "seq_len": 32},
+    "speed": {**SPEED, "prefill_tokens": 32, "decode_tokens": 4, "context": 32, "repeats": 1, "warmup": 0},
+}
+
+TARGETS = {"scratch_dense_gap": 0.05, "speed_prefill": 1.4, "speed_decode": 1.2}
+SUITES = ("scratch", "smol", "speed", "encoder")
+LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size"}
+
+
+def settings(suite: str) -> dict:
+    if SMOKE:
+        return SMOKE_SETTINGS[suite]
+    return {"scratch": SCRATCH, "smol": SMOL, "encoder": ENCODER, "speed": SPEED}[suite]
+
+
+def use_smoke() -> None:
+    global SMOKE, OUT
+    SMOKE, OUT = True, WORK / "transpa-smoke"
+
+
+def docs_dir() -> Path:
+    return OUT / "docs" if SMOKE else ROOT / "docs"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration, one child process, one JSON."""
+
+    suite: str
+    method: str  # dense | transpa | structured-l1 | small-dense (scratch: dense of TranSpa's final size)
+    target: float | None = None  # fraction of all parameters (smol, encoder)
+    layout: str = "uniform"
+
+    @property
+    def name(self) -> str:
+        parts = [self.suite, self.method]
+        if self.target is not None:
+            parts += [f"{round(100 * self.target)}", self.layout]
+        return "-".join(parts)
+
+    @property
+    def path(self) -> Path:
+        return OUT / f"{self.name}.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return OUT / f"{self.name}.model"
+
+
+def planned(suite: str) -> list[Run]:
+    """The runs of a suite, most important first."""
+    if suite == "scratch":
+        return [Run("scratch", m) for m in ("dense", "transpa", "structured-l1", "small-dense")]
+    if suite == "smol":
+        return [Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
+                for m in ("transpa", "structured-l1")]
+    if suite == "encoder":
+        return [Run("encoder", m, settings("encoder")["target"], "free") for m in ("transpa", "structured-l1")]
+    return []
+
+
+def saved_for_speed() -> list[Run]:
+    """The smol models the speed suite measures (saved by their workers)."""
+    return [Run("smol", "transpa", 0.7, layout) for layout in ("uniform", "free")]
+
+
+# ---------------------------------------------------------------- helpers shared by the workers
+
+
+def train_options(s: dict) -> dict:
+    return dict(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=s["weight_decay"],
+                warmup=s["warmup"], seed=0)
+
+
+def round_schedule(model, target_params: float, s: dict) -> dict:
+    """TranSpa's options: the round length (and K if needed) that reach ``target_params`` by reach_by of the steps."""
+    from sparseforge.structured.method import block_parameters, count_parameters, estimated_rounds
+
+    total, block = count_parameters(model), block_parameters(model)
+    target_block = int(target_params * total) - (total - block)
+    by = max(1, int(s["reach_by"] * s["steps"]))
+    fraction = s["fraction"]
+    needed = max(1, estimated_rounds(block, target_block, fraction, s["theta"]))
+    if needed <= by:
+        round_steps = by // needed
+    else:  # one-step rounds and a larger K: (1 - K(1-θ))^by <= target_block / block
+        round_steps = 1
+        fraction = math.ceil(100 * (1 - (target_block / block) ** (1 / by)) / (1 - s["theta"])) / 100
+    return {"target_params": target_params, "round_steps": round_steps, "fraction": fraction, "theta": s["theta"]}
+
+
+def target_reached_at(method_report: dict) -> int | None:
+    """The step of the round that reached the target (None if it was not reached)."""
+    if not method_report.get("reached_target"):
+        return None
+    return method_report["trajectory"][-1]["step"]
+
+
+def save_trained(model, tokenizer, path: Path, layout: str, metadata: dict) -> None:
+    """As ``sparseforge train`` saves: uniform = a plain HF checkpoint, free = the structure manifest too."""
+    from sparseforge import save
+
+    if layout == "free":
+        from sparseforge.models.modules import structure_manifest
+        from sparseforge.structured import manifest_includes
+
+        metadata = {**metadata, "structure": structure_manifest(model, include=manifest_includes(model))}
+    save(model, tokenizer, path, metadata=metadata, overwrite=True)
+
+
+def file_fingerprint(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+
+
+# ---------------------------------------------------------------- scratch: tokenizer and models
+
+
+def tokenizer_dir() -> Path:
+    return OUT / f"tokenizer-{settings('scratch')['vocab']}"
+
+
+def wiki_tokenizer():
+    """A byte-level BPE tokenizer trained on the wiki train split (deterministic), cached in ``tokenizer_dir()``."""
+    from transformers import PreTrainedTokenizerFast
+
+    directory = tokenizer_dir()
+    if not (directory / "tokenizer.json").exists():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        from sparseforge.data import wiki_documents
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=settings("scratch")["vocab"], show_progress=False,
+                                      special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(wiki_documents("train"), trainer=trainer)
+        wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                          unk_token="<unk>")
+        tmp = directory.with_name(directory.name + ".tmp")
+        wrapped.save_pretrained(tmp)
+        tmp.rename(directory)
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def llama_block_parameters(fields: dict) -> int:
+    """Block parameters of a bias-free LLaMA config (attention, SwiGLU FFN, two RMSNorms per block)."""
+    hidden, heads, kv = fields["hidden_size"], fields["num_attention_heads"], fields["num_key_value_heads"]
+    head_dim = fields.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv)
+    return fields["num_hidden_layers"] * (attention + 3 * hidden * fields["intermediate_size"] + 2 * hidden)
+
+
+def small_dense_fields(base: dict, transpa: dict | None, keep_blocks: float) -> tuple[dict, dict]:
+    """A uniform LLaMA config whose block parameters match TranSpa's final count (its stored report if any, else
+    the target): the number of whole KV groups (head size kept) whose attention parameters come closest to
+    TranSpa's final attention (else keep x the groups), then the FFN width that fills the rest."""
+    hidden, layers = base["hidden_size"], base["num_hidden_layers"]
+    group_size = base["num_attention_heads"] // base["num_key_value_heads"]
+    head_dim = hidden // base["num_attention_heads"]
+
+    def attention(groups: int) -> int:  # one layer's q, k, v, o
+        return hidden * head_dim * (2 * groups * group_size + 2 * groups)
+
+    if transpa is not None:
+        report = transpa["method_report"]
+        wanted = report["final_parameters"]["blocks"]
+        ffn = sum(3 * hidden * layer["ffn"] + 2 * hidden for layer in report["layers"])
+        per_layer = (wanted - ffn) / layers
+        groups = min(range(1, base["num_key_value_heads"] + 1), key=lambda g: abs(attention(g) - per_layer))
+        source = "TranSpa's final report"
+    else:
+        wanted = round(keep_blocks * llama_block_parameters(base))
+        groups = max(1, round(keep_blocks * base["num_key_value_heads"]))
+        source = "the target"
+    fields = dict(base, num_attention_heads=groups * group_size, num_key_value_heads=groups, head_dim=head_dim)
+    fields["intermediate_size"] = max(1, round((wanted / layers - attention(groups) - 2 * hidden) / (3 * hidden)))
+    return fields, {"matched_to": source, "wanted_blocks": wanted, "blocks": llama_block_parameters(fields)}
+
+
+def scratch_model(fields: dict, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(fields, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    heads, kv_heads = fields["num_attention_heads"], fields["num_key_value_heads"]
+    fields.setdefault("head_dim", fields["hidden_size"] // heads)
+    # transformers 5 refuses hidden_size % num_attention_heads != 0 even with an explicit head_dim, which is
+    # the shape TranSpa's uniform layout leaves (e.g. 6 heads of 32 in 256): the heads are set after validation
+    config = LlamaConfig(**dict(fields, num_attention_heads=1, num_key_value_heads=1))
+    config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def stored_transpa_scratch() -> dict | None:
+    return stored_run(Run("scratch", "transpa"))
+
+
+# ---------------------------------------------------------------- one run (child process)
+
+
+def scratch_worker(run: Run) -> dict:
+    from sparseforge.structured.method import block_parameters, count_parameters
+    from sparseforge.training import train
+
+    s = settings("scratch")
+    tokenizer = wiki_tokenizer()
+    extra = {"tokenizer": {"dir": str(tokenizer_dir().relative_to(ROOT)), "vocab": len(tokenizer),
+                           "fingerprint": file_fingerprint(tokenizer_dir() / "tokenizer.json")}}
+    fields = dict(s["model"])
+    if run.method == "small-dense":
+        fields, extra["small_dense"] = small_dense_fields(fields, stored_transpa_scratch(), s["keep_blocks"])
+    model = scratch_model(fields, tokenizer)
+    extra["block_parameters_start"] = block_parameters(model)
+    options = {}
+    if run.method in ("transpa", "structured-l1"):
+        total, block = count_parameters(model), block_parameters(model)
+        target = (total - block + s["keep_blocks"] * block) / total  # keep_blocks of the blocks, as a share of all
+        options = {**round_schedule(model, target, s), "layout": s["layout"]}
+    method = "dense" if run.method == "small-dense" else run.method
+    report = train(model, tokenizer, method=method, task="lm", data="wiki", seq_len=s["seq_len"],
+                   eval_windows=s["eval_windows"], eval_batch_size=s["eval_batch_size"], method_options=options,
+                   progress=False, eval_every=s["eval_every"], **train_options(s))
+    extra.update(model_fields=fields, method_options=options)
+    return {**report.to_dict(), **extra}
+
+
+def smol_worker(run: Run) -> dict:
+    from sparseforge import evaluate, load_model
+    from sparseforge.training import train
+
+    s = settings("smol")
+    model, tokenizer = load_model(None)
+    options = {**round_schedule(model, run.target, s), "layout": run.layout}
+    # no evaluation during training: the reported perplexity is the one-shot tables' protocol, after training
+    report = train(model, tokenizer, method=run.method, task="lm", data="wiki", seq_len=s["seq_len"], evaluate=False,
+                   method_options=options, progress=False, **train_options(s))
+    report.run["metrics_after_512"] = evaluate(model, tokenizer, data="wiki", seq_len=s["eval_seq_len"],
+                                               max_windows=s["eval_windows"], progress=False)
+    result = {**report.to_dict(), "method_options": options}
+    if run in saved_for_speed():
+        save_trained(model, tokenizer, run.model_dir, run.layout, {"train": result})
+    return result
+
+
+def encoder_worker(run: Run) -> dict:
+    import torch
+
+    from sparseforge import load_model
+    from sparseforge.train.labelled import classification_splits
+    from sparseforge.training import train
+
+    s = settings("encoder")
+    splits = classification_splits("wiki-topics")
+    torch.manual_seed(0)
+    model, tokenizer = load_model("encoder", task="classify", label_names=splits[2].names)
+    options = {**round_schedule(model, run.target, s), "layout": run.layout}
+    # no evaluation before training: the new head scores chance
+    report = train(model, tokenizer, method=run.method, task="classify", data=splits, seq_len=s["seq_len"],
+                   method_options=options, progress=False, evaluate_before=False, **train_options(s))
+    return {**report.to_dict(), "method_options": options}
+
+
+WORKERS = {"scratch": scratch_worker, "smol": smol_worker, "encoder": encoder_worker}
+
+
+def worker(name: str) -> None:
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(THREADS)
+    run = next(r for suite in SUITES for r in planned(suite) if r.name == name)
+    started = time.perf_counter()
+    result = WORKERS[run.suite](run)
+    result.update(name=run.name, suite=run.suite, target=run.target, layout=run.layout, settings=settings(run.suite),
+                  smoke=SMOKE, total_seconds=round(time.perf_counter() - started, 1))
+    run.path.write_text(json.dumps(result, indent=1, default=str))
+
+
+def speed_sources() -> dict:
+    """What the speed result depends on: the saved models' training runs (their JSON's fingerprints)."""
+    return {r.name: file_fingerprint(r.path) for r in saved_for_speed()}
+
+
+def speed_worker() -> None:
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(THREADS)
+    from sparseforge import load_model
+    from sparseforge.eval.speed import SpeedConfig, benchmark_speed, format_speed_table, measure_peak_memory
+
+    config = SpeedConfig(**settings("speed"), threads=THREADS)
+    sources = [("dense SmolLM2-135M", None)] + [(f"TranSpa 70% {r.layout}", r.model_dir) for r in saved_for_speed()]
+    models = [(label, load_model(source)[0]) for label, source in sources]
+    result = benchmark_speed(models, config, progress=False)
+    del models
+    for entry, (_, source) in zip(result["models"], sources):
+        entry["memory"] = measure_peak_memory(source, config)
+        entry["peak_rss_mb"] = entry["memory"]["peak_rss_mb"]
+        entry["source"] = "embedded" if source is None else str(Path(source).relative_to(ROOT))
+    print(format_speed_table(result))
+    print(f"CPU {result['machine']['model_name']}; flags: {', '.join(result['machine']['flags'])}")
+    result.update(settings=settings("speed"), sources=speed_sources(), smoke=SMOKE)
+    (OUT / "speed.json").write_text(json.dumps(result, indent=1, default=str))
+
+
+# ---------------------------------------------------------------- stored runs
+
+
+def stored_run(run: Run) -> dict | None:
+    """The stored result of ``run`` if its settings (and what it was derived from) are still the current ones."""
+    if not run.path.exists():
+        return None
+    result = json.loads(run.path.read_text())
+    if result.get("settings") != settings(run.suite):
+        return None
+    if run.suite == "scratch":
+        tokenizer = file_fingerprint(tokenizer_dir() / "tokenizer.json")
+        if tokenizer and result["tokenizer"]["fingerprint"] != tokenizer:
+            return None
+        if run.method == "small-dense":  # sized after TranSpa's final count: stale if that run changed
+            transpa = stored_transpa_scratch()
+            made_from = result["small_dense"]["matched_to"] == "TranSpa's final report"
+            if transpa and (not made_from or result["small_dense"]["wanted_blocks"]
+                            != transpa["method_report"]["final_parameters"]["blocks"]):
+                return None
+    if run.suite == "smol" and run in saved_for_speed() and not run.model_dir.exists():
+        return None
+    return result
+
+
+def stored(suite: str) -> dict[Run, dict]:
+    return {run: result for run in planned(suite) if (result := stored_run(run)) is not None}
+
+
+def stored_speed() -> dict | None:
+    path = OUT / "speed.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("settings") != settings("speed") or result.get("sources") != speed_sources():
+        return None
+    return result
+
+
+def stored_encoder_dense() -> tuple[dict | None, str]:
+    """benchmarks/losparse.py's dense MiniLM fine-tuning, if its settings are ours."""
+    path = WORK / "losparse" / "encoder-dense.json"
+    if not path.exists():
+        return None, f"Dense fine-tuning: none stored ({path.relative_to(ROOT)}); run benchmarks/losparse.py --suite encoder"
+    result = json.loads(path.read_text())
+    mine = {k: settings("encoder")[k] for k in ENCODER_TRAIN}
+    if result.get("settings") != mine:
+        differ = ", ".join(f"{k} {result.get('settings', {}).get(k)} vs {v}" for k, v in mine.items()
+                           if result.get("settings", {}).get(k) != v)
+        return None, f"Dense fine-tuning: not shown, the stored run ({path.relative_to(ROOT)}) has other settings ({differ})"
+    return result, f"Dense fine-tuning: {path.relative_to(ROOT)} (benchmarks/losparse.py, same settings)"
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _reached(result: dict) -> str:
+    report = result["method_report"]
+    if "reached_target" not in report:
+        return "-"
+    step = target_reached_at(report)
+    return f"step {step}" if step is not None else "NO"
+
+
+def _size_caveat(a: dict, b: dict) -> str:
+    """A note when a compared pair did not end at the same size (a target not reached)."""
+    sizes = [r["size_after"]["parameters"] for r in (a, b)]
+    if abs(sizes[0] - sizes[1]) <= 0.01 * max(sizes):
+        return ""
+    reached = all(r["method_report"].get("reached_target", True) for r in (a, b))
+    why = "the uniform layout removes whole groups / slices" if reached else "a target was not reached"
+    return f" (NOT at equal size: {_params(sizes[0])} vs {_params(sizes[1])}; {why})"
+
+
+def _every(steps: int) -> str:
+    return "every step" if steps == 1 else f"every {steps} steps"
+
+
+def _schedule_text(options: dict) -> str:
+    return f"a round {_every(options['round_steps'])}, K {options['fraction']:.2f}, θ {options['theta']:g}"
+
+
+def scratch_curve(result: dict) -> list[tuple[int, float]]:
+    run = result["run"]
+    points = [(0, run["metrics_before"]["perplexity"])] if run["metrics_before"] else []
+    points += [(e["step"], e["perplexity"]) for e in run["evaluations"]]
+    points.append((run["train_config"]["steps"], run["metrics_after"]["perplexity"]))
+    return points
+
+
+def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
+    s = settings("scratch")
+    m = s["model"]
+    tokens = s["steps"] * s["batch_size"] * s["seq_len"]
+    any_run = next(iter(runs.values()))
+    train_tokens = any_run["run"]["data"]["rows"] * s["seq_len"]
+    pruned = next((r for r in runs.values() if r.get("method_options")), None)
+    schedule = _schedule_text(pruned["method_options"]) if pruned else "see the runs"
+    lines = [
+        f"LLaMA from random initialisation (seed 0): hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, SwiGLU FFN "
+        f"{m['intermediate_size']}, {m['num_attention_heads']} heads / {m['num_key_value_heads']} KV heads, tied embeddings; "
+        f"vocabulary: a byte-level BPE of {s['vocab']} tokens trained on the wiki train split with `tokenizers` "
+        f"(deterministic, cached in {tokenizer_dir().relative_to(ROOT)}). Budget per run: {s['steps']} steps x "
+        f"{s['batch_size']} x {s['seq_len']} tokens = {tokens:,} tokens ({tokens / train_tokens:.2f} epochs of the "
+        f"{train_tokens:,}-token wiki train split), the same for every run; lr {s['lr']:g} (cosine, "
+        f"{s['warmup']:.0%} warm-up), weight decay {s['weight_decay']:g}, float32, {THREADS} threads. "
+        f"TranSpa and structured-l1: target {s['keep_blocks']:.0%} of the block parameters ({s['layout']} layout), "
+        f"{schedule}, planned to reach it by {s['reach_by']:.0%} of the steps. The small dense model (a plain LLaMA "
+        f"config) has the whole KV groups closest to TranSpa's final attention and the FFN width that matches its "
+        f"block parameters. Perplexity on the first "
+        f"{s['eval_windows']} held-out wiki windows of {s['seq_len']} tokens, every {s['eval_every']} steps.",
+        "", "| run | block parameters | all parameters | perplexity | vs dense | target reached | train min | "
+            "median step s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ppl = {r.method: res["run"]["metrics_after"]["perplexity"] for r, res in runs.items()}
+    by_method = {r.method: res for r, res in runs.items()}
+    for run, result in runs.items():
+        blocks = result["method_report"].get("final_parameters", {}).get("blocks") \
+            or llama_block_parameters(result["model_fields"])
+        gap = f"{ppl[run.method] / ppl['dense'] - 1:+.1%}" if "dense" in ppl and run.method != "dense" else "-"
+        lines.append(f"| {LABELS[run.method]} | {_params(blocks)} | {_params(result['size_after']['parameters'])} | "
+                     f"{ppl[run.method]:.2f} | {gap} | {_reached(result)} | {result['run']['train_seconds'] / 60:.1f} | "
+                     f"{result['run']['median_step_seconds']:.2f} | {result['run']['peak_rss_mb']:.0f} |")
+    verdict, notes = {}, []
+    if "transpa" in ppl:
+        for other, label in (("structured-l1", "structured-l1"), ("small-dense", "the small dense model")):
+            if other in ppl:
+                verdict[f"transpa_below_{other}"] = ppl["transpa"] < ppl[other]
+                notes.append(f"TranSpa {ppl['transpa']:.2f} < {label} {ppl[other]:.2f}: "
+                             f"{_verdict(verdict[f'transpa_below_{other}'])}"
+                             + _size_caveat(by_method["transpa"], by_method[other]))
+        if "dense" in ppl:
+            gap = ppl["transpa"] / ppl["dense"] - 1
+            verdict["transpa_within_5pct_of_dense"] = gap <= TARGETS["scratch_dense_gap"]
+            notes.append(f"TranSpa within {TARGETS['scratch_dense_gap']:.0%} of dense ({ppl['transpa']:.2f} vs "
+                         f"{ppl['dense']:.2f}, {gap:+.1%}): {_verdict(verdict['transpa_within_5pct_of_dense'])}")
+    if notes:
+        lines += ["", "Targets: " + "; ".join(notes) + "."]
+    return "\n".join(lines), verdict
+
+
+def smol_table(runs: dict[Run, dict]) -> tuple[str, dict]:
+    s = settings("smol")
+    tokens = s["steps"] * s["batch_size"] * s["seq_len"]
+    lines = [
+        f"SmolLM2-135M (embedded) pruned while training on the wiki train split. Recovery budget per run: {s['steps']} "
+        f"steps x {s['batch_size']} x {s['seq_len']} tokens = {tokens:,} tokens, lr {s['lr']:g} (cosine, "
+        f"{s['warmup']:.0%} warm-up), weight decay {s['weight_decay']:g}, seed 0, float32, {THREADS} threads; rounds of "
+        f"K {s['fraction']:g}, θ {s['theta']:g}, their length chosen so that the target is reached by about "
+        f"{s['reach_by']:.0%} of the steps (the rest is recovery at the final size). Perplexity on the first "
+        f"{s['eval_windows']} held-out wiki windows of {s['eval_seq_len']} tokens (the one-shot tables' protocol; dense "
+        f"{SMOL_DENSE_PERPLEXITY:.2f}).", "",
+        "| target | layout | method | perplexity | parameters | of dense | rounds | target reached | train min | "
+        "median step s | peak RSS MiB |",
+        "|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    ppl = {}
+    for run, result in runs.items():  # planned order: most important first
+        ppl[(run.target, run.layout, run.method)] = p = result["run"]["metrics_after_512"]["perplexity"]
+        final = result["method_report"]["final_parameters"]
+        lines.append(f"| {run.target:.0%} | {run.layout} | {LABELS[run.method]} | {p:.2f} | {_params(final['total'])} | "
+                     f"{final['fraction']:.1%} | {_every(result['method_options']['round_steps'])}, K "
+                     f"{result['method_options']['fraction']:.2f} | {_reached(result)} | "
+                     f"{result['run']['train_seconds'] / 60:.1f} | {result['run']['median_step_seconds']:.2f} | "
+                     f"{result['run']['peak_rss_mb']:.0f} |")
+    verdict, notes = {}, []
+    for target, layout in dict.fromkeys((t, lay) for t, lay, _ in ppl):
+        pair = {m: next((res for r, res in runs.items() if (r.target, r.layout, r.method) == (target, layout, m)), None)
+                for m in ("transpa", "structured-l1")}
+        if all(pair.values()):
+            tp, l1 = ppl[(target, layout, "transpa")], ppl[(target, layout, "structured-l1")]
+            key = f"transpa_below_l1_{round(100 * target)}_{layout}"
+            verdict[key] = tp < l1
+            notes.append(f"{target:.0%} {layout}: TranSpa {tp:.2f} < structured-l1 {l1:.2f}: {_verdict(tp < l1)}"
+                         + _size_caveat(pair["transpa"], pair["structured-l1"]))
+    if notes:
+        lines += ["", "Targets: " + "; ".join(notes) + "."]
+    return "\n".join(lines), verdict
+
+
+def speed_table(speed: dict) -> tuple[str, dict]:
+    c, machine = speed["config"], speed["machine"]
+    lines = [
+        f"Inference speed, interleaved in one process: prefill {c['batch_size']} x {c['prefill_tokens']} tokens "
+        f"(last-token logits); decode {c['decode_tokens']} greedy tokens with the KV cache after a {c['context']}-token "
+        f"context; medians of {c['repeats']} rounds after {c['warmup']} warm-up; {c['threads']} threads; float32; CPU "
+        f"{machine.get('model_name')} ({machine.get('cpu_count')} cores), flags {', '.join(machine.get('flags', []))}; load "
+        f"average {speed['load_average']['before']} before, {speed['load_average']['after']} after. Peak memory: each "
+        "model loaded and run once (one prefill, one decode) in its own process.", "",
+        "| model | parameters | MiB | prefill tokens/s | speed-up | decode tokens/s | speed-up | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in speed["models"]:
+        lines.append(f"| {m['label']} | {_params(m['parameters'])} | {m['bytes'] / 2**20:.1f} | "
+                     f"{m['prefill_tokens_per_s']:.0f} | {m['speedup_prefill']:.2f}x | {m['decode_tokens_per_s']:.1f} | "
+                     f"{m['speedup_decode']:.2f}x | {m.get('peak_rss_mb', float('nan')):.0f} |")
+    verdict, notes = {}, []
+    uniform = next((m for m in speed["models"] if m["label"].endswith("uniform")), None)
+    if uniform:
+        verdict["uniform_prefill"] = uniform["speedup_prefill"] >= TARGETS["speed_prefill"]
+        verdict["uniform_decode"] = uniform["speedup_decode"] >= TARGETS["speed_decode"]
+        notes.append(f"uniform prefill {uniform['speedup_prefill']:.2f}x >= {TARGETS['speed_prefill']}x: "
+                     f"{_verdict(verdict['uniform_prefill'])}; uniform decode {uniform['speedup_decode']:.2f}x >= "
+                     f"{TARGETS['speed_decode']}x: {_verdict(verdict['uniform_decode'])}")
+    free = next((m for m in speed["models"] if m["label"].endswith("free")), None)
+    if free:
+        notes.append(f"free layout (no target): prefill {free['speedup_prefill']:.2f}x, decode {free['speedup_decode']:.2f}x")
+    lines += ["", "Targets: " + "; ".join(notes) + "."]
+    return "\n".join(lines), verdict
+
+
+def encoder_table(runs: dict[Run, dict]) -> tuple[str, dict]:
+    s = settings("encoder")
+    dense, dense_note = stored_encoder_dense()
+    any_run = next(iter(runs.values()))
+    data = any_run["run"]["data"]
+    lines = [
+        f"MiniLM-L6 (all-MiniLM-L6-v2) on wiki-topics: {len(data['labels'])} classes, {data.get('train_examples', '?')} "
+        f"training / {data.get('eval_examples', '?')} held-out articles, first {s['seq_len']} tokens; {s['steps']} steps x "
+        f"{s['batch_size']} examples, lr {s['lr']:g} (cosine, {s['warmup']:.0%} warm-up), weight decay "
+        f"{s['weight_decay']:g}, seed 0, float32 (benchmarks/losparse.py's settings). Target {s['target']:.0%} of all "
+        f"parameters (embeddings included, so the blocks keep far less), {s['layout']} layout (BERT's uniform layout "
+        f"shrinks FFNs only and cannot reach it); rounds of K {s['fraction']:g}, θ {s['theta']:g} planned to reach the "
+        f"target by {s['reach_by']:.0%} of the steps" + (
+            f" (K {s['fraction']:g}, not TranSpa's {ROUNDS['fraction']:g}: at {ROUNDS['fraction']:g} the rounds stall near "
+            "89% of the parameters, Fisher selecting QK couples the θ rule can no longer shrink)"
+            if s["fraction"] != ROUNDS["fraction"] else "") + f". {dense_note}.", "",
+        "| method | accuracy | macro-F1 | parameters | of dense | block parameters | rounds | target reached | "
+        "train s | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    if dense:
+        after = dense["run"]["metrics_after"]
+        lines.append(f"| dense | {after['accuracy']:.4f} | {after['macro_f1']:.4f} | "
+                     f"{_params(dense['size_after']['parameters'])} | 100% | - | - | - | "
+                     f"{dense['run']['train_seconds']:.0f} | {dense['run']['peak_rss_mb']:.0f} |")
+    metrics, by_method = {}, {}
+    for run, result in runs.items():
+        after = result["run"]["metrics_after"]
+        metrics[run.method], by_method[run.method] = after, result
+        final = result["method_report"]["final_parameters"]
+        lines.append(f"| {LABELS[run.method]} | {after['accuracy']:.4f} | {after['macro_f1']:.4f} | "
+                     f"{_params(final['total'])} | {final['fraction']:.1%} | {_params(final['blocks'])} | "
+                     f"{_every(result['method_options']['round_steps'])}, K {result['method_options']['fraction']:.2f} | "
+                     f"{_reached(result)} | {result['run']['train_seconds']:.0f} | {result['run']['peak_rss_mb']:.0f} |")
+    verdict = {}
+    if "transpa" in metrics and "structured-l1" in metrics:
+        for key in ("accuracy", "macro_f1"):
+            verdict[f"transpa_minus_l1_{key}"] = round(100 * (metrics["transpa"][key] - metrics["structured-l1"][key]), 2)
+        lines += ["", "TranSpa minus structured-l1 (points): " + ", ".join(f"{k.removeprefix('transpa_minus_l1_')} "
+                                                                           f"{v:+.2f}" for k, v in verdict.items())
+                  + f" ({_verdict(verdict['transpa_minus_l1_accuracy'] > 0)} if TranSpa should be more accurate)"
+                  + _size_caveat(by_method["transpa"], by_method["structured-l1"]) + "."]
+    return "\n".join(lines), verdict
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scratch(runs: dict[Run, dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, (curve, size) = plt.subplots(1, 2, figsize=(11, 4))
+    for run, result in runs.items():
+        points = scratch_curve(result)
+        curve.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=LABELS[run.method])
+        blocks = result["method_report"].get("final_parameters", {}).get("blocks") \
+            or llama_block_parameters(result["model_fields"])
+        size.scatter([blocks / 1e6], [points[-1][1]], label=LABELS[run.method])
+        reached = target_reached_at(result["method_report"])
+        if run.method == "transpa" and reached is not None:
+            curve.axvline(reached, color="grey", ls=":", label="TranSpa at its target")
+    curve.set_yscale("log")
+    curve.set_xlabel("step")
+    curve.set_ylabel("held-out perplexity")
+    curve.set_title("pre-training from scratch")
+    curve.legend()
+    size.set_xlabel("block parameters at the end (M)")
+    size.set_ylabel("final perplexity")
+    size.set_title("final perplexity vs size")
+    size.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_smol(runs: dict[Run, dict], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in ("transpa", "structured-l1"):
+        for layout, marker in (("uniform", "o"), ("free", "s")):
+            points = sorted((r["method_report"]["final_parameters"]["total"] / 1e6, r["run"]["metrics_after_512"]["perplexity"])
+                            for run, r in runs.items() if run.method == method and run.layout == layout)
+            if points:
+                ax.plot(*zip(*points), marker=marker, label=f"{LABELS[method]} {layout}")
+    ax.axhline(SMOL_DENSE_PERPLEXITY, color="grey", ls="--", label="dense")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("perplexity (40 x 512 held-out)")
+    ax.set_title("SmolLM2-135M pruned while training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- docs
+
+
+def _trimmed(result: dict) -> dict:
+    """Histories are long: the JSON keeps the final numbers and every 10th step's record."""
+    result = json.loads(json.dumps(result))
+    result["run"]["history"] = result["run"]["history"][::10]
+    return result
+
+
+def build_docs() -> None:
+    sections, payload, plots = [], {}, []
+    docs = docs_dir()
+    docs.mkdir(parents=True, exist_ok=True)
+    scratch = stored("scratch")
+    if scratch:
+        text, verdict = scratch_table(scratch)
+        plot_scratch(scratch, docs / "transpa_scratch.png")
+        plots.append("transpa_scratch.png")
+        sections.append("### Pre-training from scratch\n\n" + text)
+        payload["scratch"] = {"settings": settings("scratch"), "verdict": verdict,
+                              "runs": {r.name: _trimmed(res) for r, res in scratch.items()}}
+    smol = stored("smol")
+    if smol:
+        text, verdict = smol_table(smol)
+        plot_smol(smol, docs / "transpa_smol.png")
+        plots.append("transpa_smol.png")
+        sections.append("### SmolLM2-135M pruned while training\n\n" + text)
+        payload["smol"] = {"settings": settings("smol"), "verdict": verdict,
+                           "runs": {r.name: _trimmed(res) for r, res in smol.items()}}
+    speed = stored_speed()
+    if speed:
+        text, verdict = speed_table(speed)
+        sections.append("### Speed of the 70% models\n\n" + text)
+        payload["speed"] = {"settings": settings("speed"), "verdict": verdict, "result": speed}
+    encoder = stored("encoder")
+    if encoder:
+        text, verdict = encoder_table(encoder)
+        sections.append("### MiniLM on wiki-topics\n\n" + text)
+        payload["encoder"] = {"settings": settings("encoder"), "verdict": verdict,
+                              "runs": {r.name: _trimmed(res) for r, res in encoder.items()}}
+    if not sections:
+        return
+    body = ("## TranSpa vs structured-l1: structured sparse training (`benchmarks/transpa.py`)\n\n"
+            + "\n\n".join(sections)
+            + ("\n\nPlots: " + ", ".join(f"[{p}]({p})" for p in plots) + "." if plots else ""))
+    if SMOKE:
+        (docs / "results.md").write_text(body + "\n")
+    else:
+        write_results_section("transpa", body)
+    (docs / "results_transpa.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- driver
+
+
+def full_minutes_estimate(suite: str, result: dict) -> str:
+    """The full setting's minutes of steps from this run's median step, when the smoke's steps are full size."""
+    smoke, full = SMOKE_SETTINGS[suite], {"scratch": SCRATCH, "smol": SMOL, "encoder": ENCODER}[suite]
+    if (smoke["batch_size"], smoke["seq_len"]) != (full["batch_size"], full["seq_len"]):
+        return f"{full['batch_size']} x {full['seq_len']} tokens per step, not extrapolated from the smoke's"
+    return f"≈ {result['run']['median_step_seconds'] * full['steps'] / 60:.0f} min of steps ({full['steps']} steps)"
+
+
+def report_run(run: Run, seconds: float) -> None:
+    result = json.loads(run.path.read_text())
+    s = settings(run.suite)
+    line = (f"  done in {seconds:.0f}s: median step {result['run']['median_step_seconds']:.3f}s at batch "
+            f"{s['batch_size']} x {s['seq_len']} tokens ({s['steps']} steps, train {result['run']['train_seconds']:.0f}s)")
+    if SMOKE:
+        line += "; full setting: " + full_minutes_estimate(run.suite, result)
+    print(line, flush=True)
+
+
+def run_suite(suite: str, fresh: bool) -> None:
+    if suite == "speed":
+        if not fresh and stored_speed():
+            return
+        missing = [r.name for r in saved_for_speed() if stored_run(r) is None]
+        if missing:
+            print(f"speed: skipped, the models of {', '.join(missing)} are not stored yet: run --suite smol first",
+                  flush=True)
+            return
+        print("speed", flush=True)
+        started = time.perf_counter()
+        run_child([sys.executable, __file__, "--speed-worker"] + (["--smoke"] if SMOKE else []), OUT / "speed.log")
+        print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
+        return
+    for run in planned(suite):
+        if not fresh and stored_run(run) is not None:
+            continue
+        print(run.name, flush=True)
+        started = time.perf_counter()
+        run_child([sys.executable, __file__, "--worker", run.name] + (["--smoke"] if SMOKE else []),
+                  OUT / f"{run.name}.log")
+        report_run(run, time.perf_counter() - started)
+        build_docs()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--fresh", action="store_true", help="rerun stored runs too")
+    parser.add_argument("--docs-only", action="store_true", help="rebuild the tables from stored runs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="shrink every setting; work and tables under benchmarks/work/transpa-smoke/")
+    parser.add_argument("--worker", metavar="RUN", help=argparse.SUPPRESS)
+    parser.add_argument("--speed-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.smoke:
+        use_smoke()
+    OUT.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        worker(args.worker)
+        return
+    if args.speed_worker:
+        speed_worker()
+        return
+    suites = SUITES if args.suite == "all" else [args.suite]
+    for suite in suites if not args.docs_only else []:
+        started = time.perf_counter()
+        run_suite(suite, args.fresh)
+        print(f"suite {suite}: {time.perf_counter() - started:.0f}s", flush=True)
+    build_docs()
+
+
+if __name__ == "__main__":
+    main()
