@@ -114,4 +114,5 @@ def test_default_learning_rates_follow_method_and_task():
     assert default_lr("losparse") == 1e-4 and default_lr("losparse", "lm") == 1e-4
     # classification at short budgets trains at 5e-4 (measured on MiniLM / wiki-topics; see methods.py)
     assert default_lr("losparse", "classify") == default_lr("dense", "classify") == 5e-4
+    assert default_lr("lowrank", "classify") == 1e-4  # measured worse at 5e-4
     assert default_lr("spp", "classify") == 4e-3  # no task-specific default: the method's own
