@@ -58,7 +58,7 @@ OUT = WORK / "transpa"
 
 # ---------------------------------------------------------------- settings
 # Round schedule (all suites): TranSpa's default K = 30% of the couples and θ = 0.9 per round; the round
-# length is chosen so that the estimated rounds (evenly spread unit masses) reach the target by REACH_BY of
+# length is chosen so that the estimated rounds (evenly spread unit masses) reach the target by reach_by of
 # the steps, then training continues at the final size; K is raised only if even one-step rounds cannot.
 ROUNDS = {"fraction": 0.3, "theta": 0.9, "reach_by": 0.6}
 
@@ -69,8 +69,8 @@ SCRATCH_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layer
 # at 125M; smaller models tolerate more); the warm-up keeps AdamW's first moments from blowing up at random init.
 # Weight decay 0.1 as in LLaMA pre-training. Every run sees the same tokens (only the model differs).
 # SCRATCH_STEPS: 200 steps x 16 x 256 = 819k tokens (0.76 epochs of the wiki train split). A step is about
-# 35 MFLOP per token x 4096 tokens = 0.14 TFLOP. The smoke measured 9.5 s per dense step with the machine at a
-# load of ~4 (our process got about half of the 2 cores), i.e. ~4.5-5 s idle: a dense run is ~16 min on an
+# 35 MFLOP per token x 4096 tokens = 0.14 TFLOP. The smoke measured 8.6-9.5 s per dense step with the machine at
+# a load of ~4-5 (our process got about half of the 2 cores), i.e. ~4.5-5 s idle: a dense run is ~16 min on an
 # idle machine (~32 min at that load); TranSpa / structured-l1 add their rounds. The free layout (the paper's):
 # in the uniform layout attention loses whole KV groups chosen by Fisher alone, the same for both scorers.
 SCRATCH_STEPS = 200
@@ -85,8 +85,9 @@ ENCODER_TRAIN = {"steps": 120, "batch_size": 16, "seq_len": 128, "lr": 5e-4, "we
 # K 0.6 for the encoder: at TranSpa's 0.3 the rounds stall near 89% of the parameters (a 72-round probe): Fisher
 # keeps selecting QK couples that are down to ~9 dims of similar mass, where the θ rule removes nothing, so VO and
 # FFN couples are seldom selected; at 0.6 a probe reached 60% by round ~61 of 72. Both methods use the same K.
+# Rounds every step: the estimate (32 rounds at K 0.6) is optimistic, the probe needed ~61.
 ENCODER_FRACTION = 0.6
-ENCODER = {**ENCODER_TRAIN, "target": 0.6, "layout": "free", **ROUNDS, "fraction": ENCODER_FRACTION}
+ENCODER = {**ENCODER_TRAIN, "target": 0.6, "layout": "free", **ROUNDS, "fraction": ENCODER_FRACTION, "round_steps": 1}
 SPEED = {"prefill_tokens": 512, "decode_tokens": 64, "context": 512, "batch_size": 1, "repeats": 5, "warmup": 1}
 
 #: --smoke: the scratch model and its tokens per step stay full size (its step time is what the full budget
@@ -170,7 +171,8 @@ def train_options(s: dict) -> dict:
 
 
 def round_schedule(model, target_params: float, s: dict) -> dict:
-    """TranSpa's options: the round length (and K if needed) that reach ``target_params`` by reach_by of the steps."""
+    """TranSpa's options: the round length (and K if needed) that reach ``target_params`` by reach_by of the steps
+    (a ``round_steps`` in the settings is taken as it is)."""
     from sparseforge.structured.method import block_parameters, count_parameters, estimated_rounds
 
     total, block = count_parameters(model), block_parameters(model)
@@ -178,7 +180,11 @@ def round_schedule(model, target_params: float, s: dict) -> dict:
     by = max(1, int(s["reach_by"] * s["steps"]))
     fraction = s["fraction"]
     needed = max(1, estimated_rounds(block, target_block, fraction, s["theta"]))
-    if needed <= by:
+    if s.get("round_steps"):
+        round_steps = s["round_steps"]
+        needed_k = (1 - (target_block / block) ** (1 / max(1, by // round_steps))) / (1 - s["theta"])
+        fraction = max(fraction, math.ceil(100 * needed_k) / 100)
+    elif needed <= by:
         round_steps = by // needed
     else:  # one-step rounds and a larger K: (1 - K(1-θ))^by <= target_block / block
         round_steps = 1
