@@ -115,3 +115,16 @@ def test_gguf_file_is_a_model_source(capsys, smol_dir):
                             "--eval-windows", "1")
     assert code == 0, err
     assert json.loads(stdout.splitlines()[-1])["n_windows"] == 1
+
+
+def test_json_beside_a_new_output_directory(capsys, tiny_dir, tmp_path):
+    """The README's demo: --output out/m --json out/m.json on a machine with no out/ yet."""
+    out = tmp_path / "out" / "deeper"
+    code, _, err = run(capsys, "prune", "--model", str(tiny_dir), "--method", "magnitude", "--no-eval",
+                       "--output", str(out / "m"), "--json", str(out / "m.json"))
+    assert code == 0, err
+    assert (out / "m" / "config.json").is_file() and json.loads((out / "m.json").read_text())["pruning"]
+    # a --json in a missing directory the save does not create is still refused before any work
+    assert_error(capsys, ["prune", "--model", str(tiny_dir), "--no-eval", "--output", str(tmp_path / "o2"),
+                          "--json", str(tmp_path / "elsewhere" / "r.json")], "does not exist")
+    assert not (tmp_path / "o2").exists()

@@ -288,7 +288,11 @@ def _check_paths(args, inputs: tuple = ()) -> None:
         check_output(args.output, getattr(args, "overwrite", False),
                      inputs=[p for p in (getattr(args, "model", None), *inputs) if p])
     if getattr(args, "json", None) and args.json != "-":
-        check_json_path(args.json)
+        parent = Path(args.json).absolute().parent
+        out_parent = Path(args.output).absolute().parent if getattr(args, "output", None) else None
+        # a --json beside --output (e.g. out/model and out/model.json) goes into the directory the save creates
+        if not (out_parent is not None and not parent.exists() and (parent == out_parent or parent in out_parent.parents)):
+            check_json_path(args.json)
 
 
 def _write_json(path: str | None, payload: dict) -> None:
