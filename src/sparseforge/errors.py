@@ -26,3 +26,9 @@ class ModelError(SparseforgeError):
 
 class NumericalError(SparseforgeError, ArithmeticError):
     """Non-finite statistics or a factorisation that failed even with more dampening."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an error from another library (they span many lines), for one-line messages."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]

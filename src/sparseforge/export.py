@@ -18,16 +18,11 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, first_line
 
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "sparseforge.json"
-
-
-def _one_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 # ---------------------------------------------------------------- what interrupted saves left behind
@@ -77,7 +72,7 @@ def clean_stale(output_dir: str | os.PathLike) -> None:
             try:
                 os.replace(kept, out)
             except OSError as e:
-                raise ConfigError(f"cannot restore {out} from {old} ({e.strerror or _one_line(e)}), left by an "
+                raise ConfigError(f"cannot restore {out} from {old} ({e.strerror or first_line(e)}), left by an "
                                   f"interrupted save: move {kept} back to {out} by hand") from None
             log.warning("restored %s from %s, left by an interrupted save", out, old)
         else:
@@ -221,7 +216,7 @@ def read_metadata(model_dir: str | os.PathLike) -> dict:
     try:
         data = json.loads(meta.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelError(f"cannot read {meta} ({_one_line(e)}): fix the file or delete it") from None
+        raise ModelError(f"cannot read {meta} ({first_line(e)}): fix the file or delete it") from None
     if not isinstance(data, dict):
         raise ModelError(f"{meta} is not a JSON object: fix the file or delete it")
     return data

@@ -30,7 +30,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .assets import cache_dir, embedded_encoder_dir, embedded_model_gguf
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, first_line
 from .export import METADATA_FILE
 from .models import adapter_class, get_adapter
 from .models.base import NEW_WEIGHTS_ATTR
@@ -56,7 +56,7 @@ def _file_digest(path: Path) -> str:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
     except OSError as e:
-        raise ModelError(f"cannot read GGUF file {path} ({e.strerror or _one_line(e)}): check its permissions") from None
+        raise ModelError(f"cannot read GGUF file {path} ({e.strerror or first_line(e)}): check its permissions") from None
     return h.hexdigest()[:16]
 
 
@@ -69,9 +69,9 @@ def _gguf_error(gguf_path: Path, error: Exception) -> ModelError:
     except ImportError:
         pass
     except Exception as e:  # numpy and gguf raise ValueError, IndexError...: any means the file is unreadable
-        return ModelError(f"cannot read GGUF file {gguf_path}: it is truncated or not GGUF ({_one_line(e)}); "
+        return ModelError(f"cannot read GGUF file {gguf_path}: it is truncated or not GGUF ({first_line(e)}); "
                           "download or copy it again")
-    return ModelError(f"cannot convert GGUF file {gguf_path} ({_one_line(error)}): transformers cannot read this GGUF; "
+    return ModelError(f"cannot convert GGUF file {gguf_path} ({first_line(error)}): transformers cannot read this GGUF; "
                       "give the model as a Hugging Face directory instead")
 
 
@@ -126,23 +126,18 @@ def resolve_model_dir(source: str | os.PathLike | None) -> tuple[str, dict]:
     return str(source), {"local_files_only": True}
 
 
-def _one_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:300]
-
-
 def _read_json(path: Path, fix: str):
     """A JSON file's content; an unreadable, empty or malformed file is one ModelError naming it and ``fix``."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelError(f"cannot read {path} ({_one_line(e)}): {fix}") from None
+        raise ModelError(f"cannot read {path} ({first_line(e)}): {fix}") from None
     if not text.strip():
         raise ModelError(f"{path} is empty: {fix}")
     try:
         return json.loads(text)
     except ValueError as e:
-        raise ModelError(f"{path} is not valid JSON ({_one_line(e)}): {fix}") from None
+        raise ModelError(f"{path} is not valid JSON ({first_line(e)}): {fix}") from None
 
 
 def _check_config(model_dir: Path) -> None:
@@ -192,7 +187,7 @@ def _check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt"):
             pass
     except (SafetensorError, OSError) as e:
-        raise ModelError(f"cannot read weight file {path}: it is truncated or damaged ({_one_line(e)}); "
+        raise ModelError(f"cannot read weight file {path}: it is truncated or damaged ({first_line(e)}); "
                          "copy it again or save the model again") from None
 
 
@@ -214,15 +209,15 @@ def _load_tokenizer(name: str, extra: dict):
     try:
         return AutoTokenizer.from_pretrained(name, **extra)
     except ImportError as e:
-        raise ModelError(f"the tokenizer of {name} needs a package that is not installed ({_one_line(e)}): "
+        raise ModelError(f"the tokenizer of {name} needs a package that is not installed ({first_line(e)}): "
                          "install it") from None
     except OSError as e:
         if extra.get("local_files_only"):
             raise  # load_model says the hub id is not cached
-        raise ModelError(f"cannot read the tokenizer of {name} ({_one_line(e)}): its tokenizer files are missing or "
+        raise ModelError(f"cannot read the tokenizer of {name} ({first_line(e)}): its tokenizer files are missing or "
                          "damaged; copy them from the original model") from None
     except Exception as e:  # tokenizers raises a plain Exception for a tokenizer.json it cannot parse
-        raise ModelError(f"cannot read the tokenizer of {name} ({_one_line(e)}): its tokenizer files are missing or "
+        raise ModelError(f"cannot read the tokenizer of {name} ({first_line(e)}): its tokenizer files are missing or "
                          "damaged; copy them from the original model") from None
 
 
@@ -340,7 +335,7 @@ def _structure_manifest(name: str) -> dict | None:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read {meta_path} ({_one_line(e)}): fix the file or delete it") from None
+        raise ModelError(f"cannot read {meta_path} ({first_line(e)}): fix the file or delete it") from None
     manifest = meta.get("structure") if isinstance(meta, dict) else None
     if not manifest:
         return None
@@ -359,7 +354,7 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ModelError(f"cannot read {index} ({_one_line(e)}): the model directory is damaged; save it again") from None
+            raise ModelError(f"cannot read {index} ({first_line(e)}): the model directory is damaged; save it again") from None
         files = [model_dir / f for f in sorted(set(weight_map.values()))]
     else:
         raise ModelError(f"{model_dir} has no model.safetensors (nor its index): a structured model loads from safetensors "
@@ -371,7 +366,7 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(path))
         except (SafetensorError, OSError) as e:
-            raise ModelError(f"cannot read weight file {path}: it is truncated or damaged ({_one_line(e)}); "
+            raise ModelError(f"cannot read weight file {path}: it is truncated or damaged ({first_line(e)}); "
                              "copy it again or save the model again") from None
     return state
 
@@ -469,14 +464,14 @@ def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", 
                 f"hub id '{source}' is not in the local Hugging Face cache and there is no network: "
                 "download it where there is (`hf download ...`) or pass a local directory"
             ) from None
-        raise ModelError(f"cannot load model from {name} ({_one_line(e)}): {_LOAD_FIX}") from None
+        raise ModelError(f"cannot load model from {name} ({first_line(e)}): {_LOAD_FIX}") from None
     except SafetensorError as e:  # a weight file damaged past its header (the header was checked before)
-        raise ModelError(f"cannot read the weights of {name}: a weight file is truncated or damaged ({_one_line(e)}); "
+        raise ModelError(f"cannot read the weights of {name}: a weight file is truncated or damaged ({first_line(e)}); "
                          "copy the model again or save it again") from None
     except (ValueError, RuntimeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ModelError(f"cannot load model from {name} ({_one_line(e)}): {_LOAD_FIX}") from None
+        raise ModelError(f"cannot load model from {name} ({first_line(e)}): {_LOAD_FIX}") from None
     get_adapter(model)  # unsupported architectures fail here, before any work
     model.eval()
     return model, tokenizer

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, NumericalError, SparseforgeError
+from ..errors import ConfigError, NumericalError, SparseforgeError, first_line
 from ..measure import current_rss_mb, peak_rss_mb
 from ..models.base import NEW_WEIGHTS_ATTR
 from .data import TrainExamples, batch_rows
@@ -59,11 +59,6 @@ def model_fingerprint(model) -> str:
             sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)][:FINGERPRINT_SAMPLES]
             h.update(sample.to(device="cpu", dtype=torch.float32).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__)[:200]
 
 
 def _damaged(path: Path, detail: str) -> ConfigError:
@@ -338,7 +333,7 @@ class Trainer:
                 with safe_open(str(weights), framework="pt"):  # the header only: a truncated file fails here
                     pass
             except (SafetensorError, OSError) as e:
-                raise _damaged(path, f"{weights.name}: {_one_line(e)}") from None
+                raise _damaged(path, f"{weights.name}: {first_line(e, 200)}") from None
 
     def _read_checkpoint_state(self, path: Path) -> dict:
         if not (path / STATE_FILE).is_file():
@@ -346,7 +341,7 @@ class Trainer:
         try:
             state = json.loads((path / STATE_FILE).read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise _damaged(path, f"{STATE_FILE}: {_one_line(e)}") from None
+            raise _damaged(path, f"{STATE_FILE}: {first_line(e, 200)}") from None
         if not isinstance(state, dict) or not isinstance(state.get("identity", {}), dict):
             raise _damaged(path, f"{STATE_FILE} is not a trainer state")
         return state
@@ -358,7 +353,7 @@ class Trainer:
         try:
             states = torch.load(states_path, weights_only=False)
         except Exception as e:  # torch.load raises what its unpickler meets: EOFError, UnpicklingError, RuntimeError...
-            raise _damaged(path, f"{CALLBACK_STATES_FILE}: {_one_line(e)}") from None
+            raise _damaged(path, f"{CALLBACK_STATES_FILE}: {first_line(e, 200)}") from None
         if not isinstance(states, list):
             raise _damaged(path, f"{CALLBACK_STATES_FILE} is not a list of callback states")
         return states
@@ -380,7 +375,7 @@ class Trainer:
         except SparseforgeError:
             raise
         except Exception as e:  # a damaged pickle or weight file raises whatever its reader meets
-            raise _damaged(path, _one_line(e)) from None
+            raise _damaged(path, first_line(e, 200)) from None
         log.info("resumed from %s (step %d)", path, self.step)
 
     # ------------------------------------------------------------------ the loop
