@@ -72,21 +72,23 @@ def _compute_dtype(requested: str) -> dict:
 
 
 def _mixed_precision(requested: str) -> dict:
-    """The trainer's autocast for this machine (``auto``: bf16 only where it is native), logged and reported."""
-    from .hardware import autocast_mixed_precision, cpu_features
+    """The trainer's autocast for this machine: the compute-dtype choice (``auto``: bf16 only where it is
+    native) as a mixed-precision mode."""
+    from .hardware import AUTOCAST_MODES
 
-    features = cpu_features()
-    chosen = autocast_mixed_precision(requested, features)
-    reason = "requested" if requested != "auto" else (
-        "native bf16" if chosen == "bf16" else "no native bf16 on this machine: float32")
-    log.info("mixed precision %s (%s)", chosen, reason)
-    return {"requested": requested, "mixed_precision": chosen, "reason": reason, "cpu": features.get("model_name"),
-            "flags": features.get("flags")}
+    report = _compute_dtype("float32" if requested == "no" else requested)
+    report.update(requested=requested, mixed_precision=AUTOCAST_MODES.get(report["dtype"], "no"))
+    return report
+
+
+def _checkpoint_dir(args) -> str | None:
+    """--checkpoint-dir, or OUTPUT.checkpoints beside --output."""
+    return args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
 
 
 def _training_options(args) -> dict:
     """TrainConfig fields from the shared training flags (the checkpoint directory defaults beside --output)."""
-    checkpoint_dir = args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
+    checkpoint_dir = _checkpoint_dir(args)
     args.precision = _mixed_precision(args.mixed_precision)
     options = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
                    warmup=args.warmup, schedule=args.schedule, seed=args.seed,
@@ -807,7 +809,7 @@ def _kept_checkpoints(args) -> str:
     """An interrupted training run keeps the checkpoints it was asked to write: say where they are."""
     if not getattr(args, "checkpoint_every", 0):
         return ""
-    directory = args.checkpoint_dir or (f"{args.output.rstrip('/')}.checkpoints" if args.output else None)
+    directory = _checkpoint_dir(args)
     if directory and any(Path(directory).glob("step-*")):
         return f" (the checkpoints in {directory} are kept: add --resume to continue)"
     return ""

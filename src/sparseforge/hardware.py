@@ -39,6 +39,8 @@ _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "
 #: what torch.backends.cpu.get_cpu_capability() implies when /proc/cpuinfo is unavailable
 _CAPABILITY_FLAGS = {"AVX2": ["avx", "avx2", "fma"], "AVX512": ["avx", "avx2", "fma", "avx512f"]}
 
+#: the trainer's mixed-precision mode of each compute dtype (float32: none)
+AUTOCAST_MODES = {"bfloat16": "bf16", "float16": "fp16"}
 
 def _torch_capability() -> str | None:
     try:
@@ -175,10 +177,11 @@ def autocast_mixed_precision(requested: str = "auto", features: dict | None = No
         dtype, _ = choose_compute_dtype(name, features)
     except ConfigError:
         raise ConfigError(f"mixed precision '{requested}' unknown: choose from auto, no, bf16, fp16") from None
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "no")
+    return AUTOCAST_MODES.get(dtype, "no")
 
 
 __all__ = [
+    "AUTOCAST_MODES",
     "DTYPE_CHOICES",
     "autocast_mixed_precision",
     "choose_compute_dtype",
