@@ -747,33 +747,27 @@ def build_docs() -> None:
     sections, payload, plots = [], {}, []
     docs = docs_dir()
     docs.mkdir(parents=True, exist_ok=True)
-    scratch = stored("scratch")
-    if scratch:
-        text, verdict = scratch_table(scratch)
-        plot_scratch(scratch, docs / "transpa_scratch.png")
-        plots.append("transpa_scratch.png")
-        sections.append("### Pre-training from scratch\n\n" + text)
-        payload["scratch"] = {"settings": settings("scratch"), "verdict": verdict,
-                              "runs": {r.name: _trimmed(res) for r, res in scratch.items()}}
-    smol = stored("smol")
-    if smol:
-        text, verdict = smol_table(smol)
-        plot_smol(smol, docs / "transpa_smol.png")
-        plots.append("transpa_smol.png")
-        sections.append("### SmolLM2-135M pruned while training\n\n" + text)
-        payload["smol"] = {"settings": settings("smol"), "verdict": verdict,
-                           "runs": {r.name: _trimmed(res) for r, res in smol.items()}}
+
+    def add_training_suite(suite: str, title: str, table, plot=None) -> None:
+        runs = stored(suite)
+        if not runs:
+            return
+        text, verdict = table(runs)
+        if plot is not None:
+            plot(runs, docs / f"transpa_{suite}.png")
+            plots.append(f"transpa_{suite}.png")
+        sections.append(f"### {title}\n\n" + text)
+        payload[suite] = {"settings": settings(suite), "verdict": verdict,
+                          "runs": {r.name: _trimmed(res) for r, res in runs.items()}}
+
+    add_training_suite("scratch", "Pre-training from scratch", scratch_table, plot_scratch)
+    add_training_suite("smol", "SmolLM2-135M pruned while training", smol_table, plot_smol)
     speed = stored_speed()
     if speed:
         text, verdict = speed_table(speed)
         sections.append("### Speed of the 70% models\n\n" + text)
         payload["speed"] = {"settings": settings("speed"), "verdict": verdict, "result": speed}
-    encoder = stored("encoder")
-    if encoder:
-        text, verdict = encoder_table(encoder)
-        sections.append("### MiniLM on wiki-topics\n\n" + text)
-        payload["encoder"] = {"settings": settings("encoder"), "verdict": verdict,
-                              "runs": {r.name: _trimmed(res) for r, res in encoder.items()}}
+    add_training_suite("encoder", "MiniLM on wiki-topics", encoder_table)
     if not sections:
         return
     body = ("## TranSpa vs structured-l1: structured sparse training (`benchmarks/transpa.py`)\n\n"
