@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/losparse.py --suite encoder  # MiniLM on wiki-topics only
     .venv/bin/python benchmarks/losparse.py --suite lm       # SmolLM2 language modelling only
     .venv/bin/python benchmarks/losparse.py --fresh          # rerun everything
+    .venv/bin/python benchmarks/losparse.py --suite encoder --lr 1e-4   # the learning-rate check (see LR_CHECK)
 
 encoder: the embedded MiniLM-L6 fine-tuned on the built-in wiki-topics task
 (11 classes, first 128 tokens) — dense fine-tuning, and LoSparse, ITP and
@@ -36,6 +37,9 @@ from common import ROOT, THREADS, WORK, run_child, write_results_section
 OUT = WORK / "losparse"
 KEEPS = (0.2, 0.15, 0.1)
 ENCODER = {"steps": 120, "batch_size": 16, "seq_len": 128, "lr": 5e-4, "weight_decay": 0.01, "warmup": 0.06}
+#: every encoder run is repeated at this rate (stored under lr1e-4/), so each method gets the same two-rate
+#: search: 1e-4 suits low-rank fine-tuning, 5e-4 the others at this budget (docs/losparse.md)
+LR_CHECK = 1e-4
 LM = {"steps": 24, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06, "keep": 0.5}
 
 
@@ -43,14 +47,20 @@ def run_name(suite: str, method: str, keep: float | None) -> str:
     return f"{suite}-{method}" + ("" if keep is None else f"-{keep:g}")
 
 
-def settings(suite: str) -> dict:
-    return ENCODER if suite == "encoder" else LM
+def settings(suite: str, lr: float | None = None) -> dict:
+    s = ENCODER if suite == "encoder" else LM
+    return s if lr is None else {**s, "lr": lr}
+
+
+def run_dir(lr: float | None = None):
+    """Where the runs at ``lr`` are stored (None: the suite's own rate)."""
+    return OUT if lr is None else OUT / ("lr" + format(lr, ".0e").replace("e-0", "e-"))  # e.g. lr1e-4
 
 
 # ---------------------------------------------------------------- one run (child process)
 
 
-def worker(suite: str, method: str, keep: float | None) -> None:
+def worker(suite: str, method: str, keep: float | None, lr: float | None = None) -> None:
     import logging
 
     import torch
@@ -62,7 +72,8 @@ def worker(suite: str, method: str, keep: float | None) -> None:
     from sparseforge.models.modules import structure_manifest
     from sparseforge.training import train
 
-    s = settings(suite)
+    s = settings(suite, lr)
+    out = run_dir(lr)
     options = {} if method == "dense" else {"keep": keep}
     train_options = dict(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=s["weight_decay"],
                          warmup=s["warmup"], seed=0)
@@ -86,10 +97,10 @@ def worker(suite: str, method: str, keep: float | None) -> None:
         report.run["metrics_after_512"] = evaluate(model, tokenizer, data="wiki", seq_len=512, progress=False)
     result = report.to_dict()
     result.update(suite=suite, keep=keep, settings=s, total_seconds=round(time.perf_counter() - started, 1))
-    if method == "losparse" and keep in (0.15, 0.5):  # the model whose speed is measured
-        save(model, tokenizer, OUT / f"{run_name(suite, method, keep)}.model", overwrite=True,
+    if method == "losparse" and keep in (0.15, 0.5) and lr is None:  # the model whose speed is measured
+        save(model, tokenizer, out / f"{run_name(suite, method, keep)}.model", overwrite=True,
              metadata={"structure": structure_manifest(model)})
-    (OUT / f"{run_name(suite, method, keep)}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{run_name(suite, method, keep)}.json").write_text(json.dumps(result, indent=2))
 
 
 def speed_worker(suite: str) -> None:
@@ -122,13 +133,13 @@ def planned(suite: str) -> list[tuple[str, float | None]]:
     return [(m, LM["keep"]) for m in ("losparse", "itp", "lowrank")]
 
 
-def stored(suite: str) -> dict:
+def stored(suite: str, lr: float | None = None) -> dict:
     runs = {}
     for method, keep in planned(suite):
-        path = OUT / f"{run_name(suite, method, keep)}.json"
+        path = run_dir(lr) / f"{run_name(suite, method, keep)}.json"
         if path.exists():
             run = json.loads(path.read_text())
-            if run.get("settings") == settings(suite):
+            if run.get("settings") == settings(suite, lr):
                 runs[(method, keep)] = run
     return runs
 
@@ -142,7 +153,6 @@ def encoder_table(runs: dict, speed: dict | None) -> tuple[str, dict]:
              "weight decay 0.01, seed 0, float32; LoSparse rank ratio 5%, cubic schedule t_i = 10%, t_f = 30% of the steps.",
              "", "| method | keep | accuracy | macro-F1 | block-linear weights kept | model parameters | model MiB | train s "
              "| peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    verdict = {}
     for (method, keep), run in sorted(runs.items(), key=lambda kv: (-(kv[0][1] or 1), kv[0][0])):
         after = run["run"]["metrics_after"]
         target = run["method_report"].get("target_parameters")
@@ -150,17 +160,48 @@ def encoder_table(runs: dict, speed: dict | None) -> tuple[str, dict]:
         lines.append(f"| {method} | {'-' if keep is None else f'{keep:.0%}'} | {after['accuracy']:.4f} | {after['macro_f1']:.4f} | "
                      f"{kept} | {run['size_after']['parameters']:,} | {run['size_after']['bytes'] / 2**20:.1f} | "
                      f"{run['run']['train_seconds']:.0f} | {run['run']['peak_rss_mb']:.0f} |")
-    acc = {k: r["run"]["metrics_after"]["accuracy"] for k, r in runs.items()}
-    for keep in KEEPS:
-        if ("losparse", keep) in acc and ("itp", keep) in acc:
-            verdict[f"losparse_minus_itp_{keep:g}"] = round(100 * (acc[("losparse", keep)] - acc[("itp", keep)]), 2)
-        if ("losparse", keep) in acc and ("lowrank", keep) in acc:
-            verdict[f"losparse_minus_lowrank_{keep:g}"] = round(100 * (acc[("losparse", keep)] - acc[("lowrank", keep)]), 2)
-    if ("dense", None) in acc and ("losparse", 0.2) in acc:
-        verdict["dense_minus_losparse_0.2"] = round(100 * (acc[("dense", None)] - acc[("losparse", 0.2)]), 2)
+    verdict = _verdict(runs)
     lines += ["", "Targets (accuracy points): " + ", ".join(f"{k} = {v:+.2f}" for k, v in verdict.items())]
     if speed:
         lines += ["", _speed_lines(speed)]
+    return "\n".join(lines), verdict
+
+
+def _verdict(runs: dict) -> dict:
+    """The issue's comparisons, in accuracy points: LoSparse minus ITP and minus low-rank per keep, dense minus LoSparse 20%."""
+    acc = {k: r["run"]["metrics_after"]["accuracy"] for k, r in runs.items()}
+    verdict = {}
+    for keep in KEEPS:
+        for other in ("itp", "lowrank"):
+            if ("losparse", keep) in acc and (other, keep) in acc:
+                verdict[f"losparse_minus_{other}_{keep:g}"] = round(100 * (acc[("losparse", keep)] - acc[(other, keep)]), 2)
+    if ("dense", None) in acc and ("losparse", 0.2) in acc:
+        verdict["dense_minus_losparse_0.2"] = round(100 * (acc[("dense", None)] - acc[("losparse", 0.2)]), 2)
+    return verdict
+
+
+def lr_check_table(runs: dict, check: dict) -> tuple[str, dict]:
+    """Accuracy at the suite's rate and at LR_CHECK, and the comparison on each method's better rate
+    (every method gets the same two-rate search)."""
+    main_lr = ENCODER["lr"]
+    lines = [f"The same grid at lr {LR_CHECK:g} (everything else equal), and each method at the better of the two "
+             "rates:", "", f"| method | keep | accuracy, lr {main_lr:g} | accuracy, lr {LR_CHECK:g} | better rate "
+             "| its accuracy | its macro-F1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    best = {}
+    for key in planned("encoder"):
+        pair = {lr: r for lr, r in ((main_lr, runs.get(key)), (LR_CHECK, check.get(key))) if r}
+        if not pair:
+            continue
+        lr, top = max(pair.items(), key=lambda kv: kv[1]["run"]["metrics_after"]["accuracy"])
+        best[key] = top
+        cell = {rate: f"{r['run']['metrics_after']['accuracy']:.4f}" for rate, r in pair.items()}
+        method, keep = key
+        lines.append(f"| {method} | {'-' if keep is None else f'{keep:.0%}'} | {cell.get(main_lr, '-')} | "
+                     f"{cell.get(LR_CHECK, '-')} | {lr:g} | {top['run']['metrics_after']['accuracy']:.4f} | "
+                     f"{top['run']['metrics_after']['macro_f1']:.4f} |")
+    verdict = _verdict(best)
+    lines += ["", "Targets on the better rates (accuracy points): "
+              + ", ".join(f"{k} = {v:+.2f}" for k, v in verdict.items())]
     return "\n".join(lines), verdict
 
 
@@ -226,9 +267,15 @@ def build_docs() -> None:
     speed_enc = json.loads((OUT / "speed-encoder.json").read_text()) if (OUT / "speed-encoder.json").exists() else None
     if enc:
         text, verdict = encoder_table(enc, speed_enc)
-        sections.append("### MiniLM on wiki-topics\n\n" + text)
+        check = stored("encoder", LR_CHECK)
         payload["encoder"] = {"settings": ENCODER, "runs": {run_name("encoder", m, k): r for (m, k), r in enc.items()},
                               "verdict": verdict, "speed": speed_enc}
+        if check:
+            check_text, check_verdict = lr_check_table(enc, check)
+            text += "\n\n" + check_text
+            payload["encoder_lr_check"] = {"settings": settings("encoder", LR_CHECK), "verdict_best_rate": check_verdict,
+                                           "runs": {run_name("encoder", m, k): r for (m, k), r in check.items()}}
+        sections.append("### MiniLM on wiki-topics\n\n" + text)
         plot(enc)
     lm = stored("lm")
     speed_lm = json.loads((OUT / "speed-lm.json").read_text()) if (OUT / "speed-lm.json").exists() else None
@@ -250,29 +297,32 @@ def main() -> None:
     parser.add_argument("--suite", choices=["encoder", "lm", "all"], default="all")
     parser.add_argument("--fresh", action="store_true", help="rerun stored runs too")
     parser.add_argument("--docs-only", action="store_true", help="rebuild the tables from stored runs")
+    parser.add_argument("--lr", type=float, help=f"run the grid at this rate instead, stored apart (e.g. {LR_CHECK:g})")
     parser.add_argument("--worker", nargs=3, metavar=("SUITE", "METHOD", "KEEP"), help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", metavar="SUITE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.worker:
         suite, method, keep = args.worker
-        worker(suite, method, None if keep == "-" else float(keep))
+        worker(suite, method, None if keep == "-" else float(keep), args.lr)
         return
     if args.speed_worker:
         speed_worker(args.speed_worker)
         return
     suites = ["encoder", "lm"] if args.suite == "all" else [args.suite]
+    lr = None if args.lr is None or args.lr == ENCODER["lr"] else args.lr
     for suite in suites if not args.docs_only else []:
-        have = {} if args.fresh else stored(suite)
+        have = {} if args.fresh else stored(suite, lr)
+        run_dir(lr).mkdir(parents=True, exist_ok=True)
         for method, keep in planned(suite):
             if (method, keep) in have:
                 continue
-            print(f"{suite} {method} {keep}", flush=True)
+            print(f"{suite} {method} {keep}" + ("" if lr is None else f" lr {lr:g}"), flush=True)
             started = time.perf_counter()
-            run_child([sys.executable, __file__, "--worker", suite, method, "-" if keep is None else keep],
-                      OUT / f"{run_name(suite, method, keep)}.log")
+            run_child([sys.executable, __file__, "--worker", suite, method, "-" if keep is None else keep]
+                      + ([] if lr is None else ["--lr", str(lr)]), run_dir(lr) / f"{run_name(suite, method, keep)}.log")
             print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
-        if args.fresh or not (OUT / f"speed-{suite}.json").exists():
+        if lr is None and (args.fresh or not (OUT / f"speed-{suite}.json").exists()):
             run_child([sys.executable, __file__, "--speed-worker", suite], OUT / f"speed-{suite}.log")
         build_docs()
     build_docs()
