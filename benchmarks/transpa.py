@@ -9,6 +9,7 @@
     .venv/bin/python benchmarks/transpa.py --docs-only        # rebuild the tables from stored runs
     .venv/bin/python benchmarks/transpa.py --fresh            # rerun stored runs too
     .venv/bin/python benchmarks/transpa.py --smoke            # every setting shrunk: an end-to-end check in minutes
+    .venv/bin/python benchmarks/transpa.py --suite smol --run smol-transpa-70-free   # one run of a suite
 
 scratch: a small LLaMA (hidden 256, 4 layers, SwiGLU FFN 768, 8 heads / 4 KV
 heads, tied embeddings) with a byte-level BPE vocabulary of 8192 tokens trained
@@ -801,7 +802,7 @@ def report_run(run: Run, seconds: float) -> None:
     print(line, flush=True)
 
 
-def run_suite(suite: str, fresh: bool) -> None:
+def run_suite(suite: str, fresh: bool, only: list[str] | None = None) -> None:
     if suite == "speed":
         if not fresh and stored_speed():
             return
@@ -816,7 +817,7 @@ def run_suite(suite: str, fresh: bool) -> None:
         print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
         return
     for run in planned(suite):
-        if not fresh and stored_run(run) is not None:
+        if (not fresh and stored_run(run) is not None) or (only and run.name not in only):
             continue
         print(run.name, flush=True)
         started = time.perf_counter()
@@ -833,11 +834,17 @@ def main() -> None:
     parser.add_argument("--docs-only", action="store_true", help="rebuild the tables from stored runs")
     parser.add_argument("--smoke", action="store_true",
                         help="shrink every setting; work and tables under benchmarks/work/transpa-smoke/")
+    parser.add_argument("--run", action="append", metavar="NAME",
+                        help="only this run of the suite (repeatable), e.g. smol-transpa-70-free")
     parser.add_argument("--worker", metavar="RUN", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.smoke:
         use_smoke()
+    unknown = set(args.run or ()) - {r.name for suite in SUITES for r in planned(suite)}
+    if unknown:
+        parser.error(f"unknown run {', '.join(sorted(unknown))}: the runs are named SUITE-METHOD[-TARGET-LAYOUT], "
+                     "e.g. smol-transpa-70-free")
     OUT.mkdir(parents=True, exist_ok=True)
     if args.worker:
         worker(args.worker)
@@ -848,7 +855,7 @@ def main() -> None:
     suites = SUITES if args.suite == "all" else [args.suite]
     for suite in suites if not args.docs_only else []:
         started = time.perf_counter()
-        run_suite(suite, args.fresh)
+        run_suite(suite, args.fresh, args.run)
         print(f"suite {suite}: {time.perf_counter() - started:.0f}s", flush=True)
     build_docs()
 
