@@ -5,6 +5,10 @@ overwrite it first moves the old output into ``.NAME.old-<pid>-XXXX``. A process
 (SIGKILL, power loss) leaves those siblings behind, so every save of an output (and ``check_output``)
 first removes the ones whose writer is no longer alive, and puts an old output back if the kill
 landed between the two renames.
+
+``save_format="sparse-bitmask"`` stores the pruned block linears as compressed tensors
+(``sparse_checkpoint``): a smaller directory that ``sparseforge.load_model`` reads and vanilla
+transformers does not; ``export_model`` converts a saved directory either way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from .errors import ConfigError, ModelError, first_line
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "sparseforge.json"
+#: how weights are written: plain dense safetensors, or the pruned block linears as compressed tensors
+SAVE_FORMATS = ("dense", "sparse-bitmask")
 
 
 # ---------------------------------------------------------------- what interrupted saves left behind
@@ -162,14 +168,19 @@ def check_json_path(path: str | os.PathLike | None) -> Path | None:
 
 
 def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False,
-         extra_files: dict | None = None) -> Path:
+         extra_files: dict | None = None, save_format: str = "dense") -> Path:
     """Write ``model`` (zeros in its weights), its tokenizer and ``metadata`` to ``output_dir``.
 
     ``extra_files`` maps file names to functions that write that file, given its path.
+    ``save_format``: "dense" (a plain checkpoint) or "sparse-bitmask" (the block linears' weights that
+    it shrinks as compressed tensors, in the packed 2:4 layout when they all fit it; what was done is
+    recorded under "save_format" in ``sparseforge.json``).
 
     Everything is written to a temporary sibling directory first and renamed into
     place at the end, so an interrupted run leaves no half-written output.
     """
+    if save_format not in SAVE_FORMATS:
+        raise ConfigError(f"save format '{save_format}' unknown: choose from {', '.join(SAVE_FORMATS)}")
     out = check_output(output_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
@@ -177,9 +188,15 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
     old = None
     try:
         model.save_pretrained(tmp)
+        metadata = dict(metadata or {})
+        metadata.pop("save_format", None)  # describes a previous save's files, not these
+        if save_format != "dense":
+            from .sparse_checkpoint import compress_directory
+
+            metadata["save_format"] = compress_directory(tmp, model)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2) + "\n")
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         for name, write in (extra_files or {}).items():
             write(tmp / name)
         if out.exists():
@@ -201,6 +218,30 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def saved_dtype(model_dir: str | os.PathLike) -> str:
+    """The dtype a saved directory's config.json records ("float32" when it records none we load)."""
+    from .sparse_checkpoint import read_config
+
+    path = Path(model_dir)
+    config = read_config(path) if path.is_dir() else {}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+
+
+def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, save_format: str, overwrite: bool = False,
+                 dtype: str | None = None) -> Path:
+    """Load a saved model (any format ``load_model`` reads) and save it again in ``save_format``, in the dtype
+    it was saved in unless ``dtype`` is given; its ``sparseforge.json`` (a structure manifest too) is kept."""
+    from .loading import load_model
+
+    if save_format not in SAVE_FORMATS:
+        raise ConfigError(f"--format '{save_format}' unknown: choose from {', '.join(SAVE_FORMATS)}")
+    check_output(output_dir, overwrite, inputs=[source])
+    metadata = read_metadata(source)
+    model, tokenizer = load_model(source, dtype=dtype or saved_dtype(source))
+    return save(model, tokenizer, output_dir, metadata=metadata, overwrite=overwrite, save_format=save_format)
 
 
 def read_metadata(model_dir: str | os.PathLike) -> dict:

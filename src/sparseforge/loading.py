@@ -6,7 +6,8 @@ Two tasks: "lm" (a causal language model) and "classify" (a sequence classifier:
 the model's own head if it was saved as one, else a newly initialised head).
 A directory whose ``sparseforge.json`` holds a "structure" manifest (compact or
 physically smaller modules) is rebuilt from its config and that manifest, then its
-safetensors weights are loaded strictly."""
+safetensors weights are loaded strictly. So is a directory whose config.json announces
+compressed sparse weights (``sparse_checkpoint``): they are decompressed to dense tensors."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .export import METADATA_FILE
 from .models import adapter_class, get_adapter
 from .models.base import NEW_WEIGHTS_ATTR
 from .models.modules import apply_config_overrides, apply_structure
+from .sparse_checkpoint import CONFIG_KEYS, announced_format, decompress_state, read_config
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +346,8 @@ def _structure_manifest(name: str) -> dict | None:
     return manifest if manifest.get("modules") or manifest.get("config") else None
 
 
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(model_dir: Path, origins: dict | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors; ``origins`` (if given) receives key -> file."""
     from safetensors.torch import load_file
 
     single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
@@ -364,26 +367,40 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise ModelError(f"weight file {path} is missing: the model directory is incomplete; copy or save it again")
         try:
-            state.update(load_file(path))
+            tensors = load_file(path)
         except (SafetensorError, OSError) as e:
             raise ModelError(f"cannot read weight file {path}: it is truncated or damaged ({first_line(e)}); "
                              "copy it again or save the model again") from None
+        state.update(tensors)
+        if origins is not None:
+            origins.update(dict.fromkeys(tensors, path))
     return state
 
 
-def _load_structured(model_cls, name: str, config, manifest: dict, dtype: torch.dtype, task: str):
-    """Build from the config, put the recorded modules in, load the weights strictly (tied keys excepted)."""
+def _load_structured(model_cls, name: str, config, manifest: dict | None, dtype: torch.dtype, task: str,
+                     sparse: str | None = None):
+    """Build from the config, put the recorded modules in (if a ``manifest``), decompress the ``sparse``
+    weights (if a format is announced), load the weights strictly (tied keys excepted)."""
     new_head = task == "classify" and not _is_classifier(config)  # a saved language model gets a new classifier head
-    apply_config_overrides(config, manifest)
+    rebuilt = f"its {METADATA_FILE} structure" if manifest is not None else "its config.json"
+    if manifest is not None:
+        apply_config_overrides(config, manifest)
+    for key in CONFIG_KEYS:  # the weights are dense once decompressed; a later save must not announce compression
+        if hasattr(config, key):
+            delattr(config, key)
     model = model_cls.from_config(config, dtype=dtype)
-    apply_structure(model, manifest, dtype)
-    state = _read_safetensors(Path(name))
+    if manifest is not None:
+        apply_structure(model, manifest, dtype)
+    origins: dict[str, Path] = {}
+    state = _read_safetensors(Path(name), origins)
     tensors = model.state_dict(keep_vars=True)
+    if sparse is not None:
+        state = decompress_state(state, sparse, {k: v.shape for k, v in tensors.items()}, origins, Path(name))
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(tensors[k].shape)}" for k, v in state.items()
              if k in tensors and v.shape != tensors[k].shape]
     if wrong:
-        raise ModelError(f"the weights in {name} do not fit the model rebuilt from its {METADATA_FILE} structure "
-                         f"({_keys(wrong, 3)}): the weights and the manifest disagree; save the model again")
+        raise ModelError(f"the weights in {name} do not fit the model rebuilt from {rebuilt} "
+                         f"({_keys(wrong, 3)}): the weights and the {_source(manifest)} disagree; save the model again")
     result = model.load_state_dict(state, strict=False)
     model.tie_weights()
     missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
@@ -396,12 +413,16 @@ def _load_structured(model_cls, name: str, config, manifest: dict, dtype: torch.
     if missing - head or unexpected:
         parts = ([f"missing {_keys(missing - head)}"] if missing - head else []) + \
                 ([f"unexpected {_keys(unexpected)}"] if unexpected else [])
-        raise ModelError(f"the weights in {name} do not fit the model rebuilt from its {METADATA_FILE} structure "
-                         f"({'; '.join(parts)}): the weights and the manifest disagree; save the model again")
+        raise ModelError(f"the weights in {name} do not fit the model rebuilt from {rebuilt} "
+                         f"({'; '.join(parts)}): the weights and the {_source(manifest)} disagree; save the model again")
     if head:
         log.info("newly initialised classifier head (%d labels): %s", model.config.num_labels, _keys(head))
     _mark_new_weights(model, head)
     return model
+
+
+def _source(manifest: dict | None) -> str:
+    return "manifest" if manifest is not None else "config"
 
 
 _LOAD_FIX = "check that it is a complete Hugging Face model directory, or save the model again"
@@ -451,8 +472,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", 
             if adapter_class(config.model_type).causal:
                 _set_pad_token(config, tokenizer, name)
         manifest = _structure_manifest(name) if local else None
-        if manifest is not None:
-            model = _load_structured(model_cls, name, config, manifest, DTYPES[dtype], task)
+        sparse = announced_format(read_config(Path(name)), Path(name)) if local else None
+        if manifest is not None or sparse is not None:
+            model = _load_structured(model_cls, name, config, manifest, DTYPES[dtype], task, sparse)
         else:
             with _quiet_load_report():
                 model, info = model_cls.from_pretrained(name, config=config, dtype=DTYPES[dtype], ignore_mismatched_sizes=True,
