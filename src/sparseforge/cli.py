@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, SparseforgeError
+from .export import SAVE_FORMATS
 from .methods import ONE_SHOT, RECOVERY, TRAIN_TIME, method_names, methods_help
 from .validate import OneLineParser, fraction, integer, positive, real
 
@@ -121,6 +122,30 @@ def _pattern(text: str) -> str:
     return text
 
 
+SAVE_FORMAT_HELP = ("dense: a plain HF checkpoint; sparse-bitmask: the pruned block linears as compressed "
+                    "tensors (non-zero values + a 1-bit mask; the packed 2:4 layout when every one is 2:4), ~0.66x the "
+                    "file at 50%% in 16-bit; loads with sparseforge.load_model, not vanilla transformers; dense in memory")
+
+
+def _add_save_format(p) -> None:
+    p.add_argument("--save-format", default="dense", choices=SAVE_FORMATS, help=SAVE_FORMAT_HELP + " (default dense)")
+
+
+def _saved(output: str, note: str = "") -> str:
+    """The "saved to" line; for compressed weights, their size against the dense file and how to load them."""
+    from .export import read_metadata
+
+    report = read_metadata(output).get("save_format")
+    if not report:
+        return f"saved to {output}{note}"
+    if report["format"] == "dense":
+        return f"saved to {output}{note} (sparse-bitmask: nothing to compress, {report['reason']}; saved dense)"
+    return (f"saved to {output}{note} ({report['format']}: {report['compressed_weights']} weights compressed, "
+            f"{report['bytes'] / 2**20:.1f} MiB = {report['ratio']:.3f}x the dense file's {report['dense_bytes'] / 2**20:.1f} "
+            "MiB; load it with sparseforge.load_model, dense in memory: vanilla transformers cannot, "
+            f"`sparseforge export --format dense {output} OUT` writes a plain checkpoint)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sparseforge", description="Make transformer LMs sparse and measure it.")
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
@@ -159,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_args(p)
     p.add_argument("--output", default=None, help="directory for the pruned model (HF format + sparseforge.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    _add_save_format(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
 
     p = sub.add_parser("finetune", help="recover a pruned model by sparsity-preserving fine-tuning (SPP) or LoRA*",
@@ -188,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity before and after")
     p.add_argument("--output", default=None, help="directory for the merged model (HF format + sparseforge.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    _add_save_format(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
 
     p = sub.add_parser("train", help="compress a model while training it (LoSparse, ITP, low-rank) or fine-tune it dense",
@@ -247,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights that vanilla transformers loads (saves nothing)")
     p.add_argument("--output", default=None, help="directory for the trained model (+ sparseforge.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
+    _add_save_format(p)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON here")
 
     p = sub.add_parser("eval", help="perplexity (or classification accuracy / macro-F1) of a model on held-out data")
@@ -274,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=integer(1), default=None, help="torch threads (default: torch's)")
     p.add_argument("--memory", action="store_true", help="also the peak memory of each model, in a fresh process each")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results (with the machine's features) here")
+
+    p = sub.add_parser("export", help="rewrite a saved model: compressed sparse weights or a plain dense checkpoint",
+                       description="Load MODEL (a directory sparseforge or llm-compressor saved, or a .gguf) and write it "
+                                   "to OUTPUT in --format, with its tokenizer and sparseforge.json. --format dense gives a "
+                                   "checkpoint vanilla transformers loads (compact LoSparse / TranSpa free-layout models "
+                                   "keep their compact layers and still need sparseforge.load_model).")
+    p.add_argument("model", help="saved model directory or .gguf file")
+    p.add_argument("output", help="directory to write")
+    p.add_argument("--format", required=True, choices=SAVE_FORMATS, help=SAVE_FORMAT_HELP)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the written weights (default: the dtype MODEL was saved in)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT directory")
 
     p = sub.add_parser("info", help="sparsity, N:M patterns and settings of a saved model")
     p.add_argument("model", nargs="?", default=None, help="model directory (default: embedded SmolLM2-135M)")
@@ -374,8 +414,8 @@ def cmd_prune(args) -> int:
               f"({pruned['n_windows']} windows x {pruned['seq_len']} tokens of {args.data})")
     print(f"sparsity {report.sparsity:.4f}  prune time {report.seconds:.1f}s  peak RSS {peak_rss_mb():.0f} MiB")
     if args.output:
-        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite)
-        print(f"saved to {args.output}")
+        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite, save_format=args.save_format)
+        print(_saved(args.output))
     _write_json(args.json, results)
     return 0
 
@@ -453,8 +493,9 @@ def cmd_finetune(args) -> int:
     if args.output:
         extra = {"adapter.safetensors": lambda path: save_adapter(result.adapter_weights, path)} \
             if args.save_adapter else None
-        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite, extra_files=extra)
-        print(f"saved to {args.output}")
+        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite, extra_files=extra,
+             save_format=args.save_format)
+        print(_saved(args.output))
     _write_json(args.json, results)
     return 0
 
@@ -613,10 +654,10 @@ def cmd_train(args) -> int:
             from .structured import manifest_includes
 
             metadata["structure"] = structure_manifest(model, include=manifest_includes(model))
-        save(model, tokenizer, args.output, metadata=metadata, overwrite=args.overwrite)
+        save(model, tokenizer, args.output, metadata=metadata, overwrite=args.overwrite, save_format=args.save_format)
         note = {"dense": " (dense export: vanilla transformers loads it; it saves nothing)",
                 "plain": " (uniform layout: a plain HF checkpoint, vanilla transformers loads it)"}
-        print(f"saved to {args.output}" + note.get(exported, " (compact / free layout: load with sparseforge.load_model)"))
+        print(_saved(args.output, note.get(exported, " (compact / free layout: load with sparseforge.load_model)")))
     _write_json(args.json, results)
     return 0
 
@@ -757,8 +798,20 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    _check_paths(args)
+    started = time.perf_counter()
+    export_model(args.model, args.output, args.format, overwrite=args.overwrite, dtype=args.dtype)
+    plain = " (a plain checkpoint: vanilla transformers loads it unless it has compact layers)" \
+        if args.format == "dense" else ""
+    print(_saved(args.output, plain) + f"  [{time.perf_counter() - started:.1f}s]")
+    return 0
+
+
 COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
-            "bench-speed": cmd_bench_speed}
+            "bench-speed": cmd_bench_speed, "export": cmd_export}
 
 
 class Terminated(KeyboardInterrupt):
