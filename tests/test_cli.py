@@ -128,3 +128,48 @@ def test_json_beside_a_new_output_directory(capsys, tiny_dir, tmp_path):
     assert_error(capsys, ["prune", "--model", str(tiny_dir), "--no-eval", "--output", str(tmp_path / "o2"),
                           "--json", str(tmp_path / "elsewhere" / "r.json")], "does not exist")
     assert not (tmp_path / "o2").exists()
+
+
+def test_sparse_bitmask_save_and_export(capsys, tiny_dir, tmp_path):
+    """prune --save-format sparse-bitmask loads back equal to the dense save; export --format dense gives a
+    directory vanilla transformers loads with equal logits, and export --format sparse-bitmask goes back."""
+    from transformers import AutoModelForCausalLM
+
+    from sparseforge import load_model
+
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    for out, fmt in ((dense, "dense"), (sparse, "sparse-bitmask")):
+        code, stdout, err = run(capsys, "prune", "--model", str(tiny_dir), "--method", "magnitude", "--sparsity", "0.5",
+                                "--no-eval", "--output", str(out), "--save-format", fmt)
+        assert code == 0, err
+    assert "sparse-bitmask: 14 weights compressed" in stdout and "sparseforge.load_model" in stdout
+    assert "vanilla transformers cannot" in stdout
+    expected, _ = load_model(dense)
+    for key, value in load_model(sparse)[0].state_dict().items():
+        assert torch.equal(value, expected.state_dict()[key]), key
+
+    plain = tmp_path / "plain"
+    code, stdout, err = run(capsys, "export", "--format", "dense", str(sparse), str(plain))
+    assert code == 0, err
+    assert "vanilla transformers loads it" in stdout
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(plain)(input_ids=ids).logits, expected(input_ids=ids).logits)
+    meta = json.loads((plain / "sparseforge.json").read_text())
+    assert meta["pruning"]["config"]["method"] == "magnitude" and "save_format" not in meta
+
+    again = tmp_path / "again"
+    code, stdout, err = run(capsys, "export", "--format", "sparse-bitmask", str(plain), str(again))
+    assert code == 0, err
+    assert (again / "model.safetensors").stat().st_size == (sparse / "model.safetensors").stat().st_size
+    assert_error(capsys, ["export", "--format", "dense", str(sparse), str(plain)], "--overwrite")
+    assert_error(capsys, ["export", "--format", "dense", str(sparse), str(sparse)], "is the input model")
+    assert_error(capsys, ["export", "--format", "dense", str(tmp_path / "missing"), str(tmp_path / "x")], "not found")
+
+
+def test_every_saving_command_takes_a_save_format():
+    from sparseforge.cli import build_parser
+
+    for command in ("prune", "finetune", "train"):
+        assert build_parser().parse_args([command, "--save-format", "sparse-bitmask"]).save_format == "sparse-bitmask"
+        assert build_parser().parse_args([command]).save_format == "dense"
