@@ -376,3 +376,24 @@ def test_shape_that_does_not_fit_the_model_and_truncated_file(tiny_dir, tmp_path
     weights.write_bytes(data[: len(data) - 1000])
     with pytest.raises(ModelError, match="truncated"):
         load_model(out)
+
+
+def test_transpa_free_layout_with_pruned_zeros_round_trips(tiny_dir, tmp_path):
+    """A TranSpa free-layout model (compact attention, shrunk linears) then pruned: its zeros compress, it reloads."""
+    from transformers import AutoTokenizer
+
+    from sparseforge.models.modules import block_linears, structure_manifest
+    from sparseforge.structured import manifest_includes
+    from test_transpa import logits, run
+
+    model, *_ = run(layout="free")
+    for module in block_linears(model).values():
+        with torch.no_grad():
+            module.weight.masked_fill_(module.weight.abs() < module.weight.abs().median(), 0)
+    manifest = structure_manifest(model, include=manifest_includes(model))
+    out = save(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "free", metadata={"structure": manifest},
+               save_format="sparse-bitmask")
+    assert json.loads((out / "sparseforge.json").read_text())["save_format"]["compressed_weights"] == 14
+    loaded, _ = load_model(out)
+    assert_same_state(model, loaded)
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
