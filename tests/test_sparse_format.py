@@ -300,8 +300,10 @@ def hand_built(tiny_dir, model, out, layout, naming, where):
     if where == "quantization_config":
         config["quantization_config"] = {"quant_method": "compressed-tensors", "version": "0.9.1", "format": "dense",
                                          "sparsity_config": sparsity, "transform_config": {}}
-    else:
+    elif where == "compression_config":
         config["compression_config"] = {"sparsity_config": sparsity, "version": "0.4.0"}
+    else:
+        config["sparsity_config"] = sparsity
     (out / "config.json").write_text(json.dumps(config))
     return out
 
@@ -310,6 +312,7 @@ def hand_built(tiny_dir, model, out, layout, naming, where):
     (BITMASK, "0.5", "module", "quantization_config"),
     (PACKED_24, "2:4", "module", "quantization_config"),
     (BITMASK, "0.5", "weight", "compression_config"),
+    (PACKED_24, "2:4", "module", "sparsity_config"),
 ])
 def test_a_compressed_tensors_directory_loads(tiny_dir, tmp_path, layout, pattern, naming, where):
     model, _ = pruned(tiny_dir, pattern)
@@ -397,3 +400,19 @@ def test_transpa_free_layout_with_pruned_zeros_round_trips(tiny_dir, tmp_path):
     loaded, _ = load_model(out)
     assert_same_state(model, loaded)
     torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_announced_format_reads_only_known_places_and_names(tmp_path):
+    from sparseforge.sparse_checkpoint import announced_format
+
+    ct = {"quant_method": "compressed-tensors"}
+    assert announced_format({}, tmp_path) is None
+    assert announced_format({"quantization_config": {"quant_method": "gptq", "bits": 4}}, tmp_path) is None
+    assert announced_format({"sparsity_config": {"block": 4}}, tmp_path) is None  # a model's own field
+    assert announced_format({"quantization_config": ct}, tmp_path) == "dense"
+    assert announced_format({"quantization_config": {**ct, "sparsity_config": {"format": BITMASK}}}, tmp_path) == BITMASK
+    assert announced_format({"compression_config": {"sparsity_config": {"format": PACKED_24}}}, tmp_path) == PACKED_24
+    with pytest.raises(ModelError, match="quantized"):
+        announced_format({"compression_config": {"quantization_config": {"config_groups": {}}}}, tmp_path)
+    with pytest.raises(ModelError, match="'os.system', which sparseforge does not read"):
+        announced_format({"quantization_config": {**ct, "sparsity_config": {"format": "os.system"}}}, tmp_path)

@@ -70,8 +70,9 @@ def announced_format(config: Mapping, path: Path) -> str | None:
         compression = config["compression_config"]
         sparsity = compression.get("sparsity_config")
         quantized = bool(compression.get("quantization_config") or compression.get("config_groups"))
-    elif isinstance(config.get("sparsity_config"), Mapping):  # sparseml's first sparse checkpoints
-        sparsity, quantized = config["sparsity_config"], False
+    elif isinstance(config.get("sparsity_config"), Mapping) and config["sparsity_config"].get("format") in FORMATS:
+        sparsity, quantized = config["sparsity_config"], False  # sparseml's first sparse checkpoints (a model's own
+        # "sparsity_config" field, naming no known format, is left alone)
     else:
         return None
     if quantized:
