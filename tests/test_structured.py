@@ -17,9 +17,12 @@ from sparseforge.structured import (
     CoupledFisher,
     Removal,
     RemovalPlan,
+    allowed_group_counts,
     apply_plan,
+    block_attention,
     build_couples,
     clamp_plan,
+    layout_floor,
     magnitude_scores,
     manifest_includes,
     normalize_units,
@@ -277,6 +280,127 @@ def test_uniform_rule_removes_whole_groups_once_the_credit_covers_one_per_layer(
     assert carry == {"ffn_units": 0.0, "attention_parameters": float(round_credit)}
     apply_plan(model, plan)
     assert uniform_config(model) == {"intermediate_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+
+
+def _group_counts(model) -> set[int]:
+    return {block_attention(model, i).layout.num_groups for i in range(len(model.model.layers))}
+
+
+def _one_group_cost(model) -> int:
+    return sum(c.units * unit_cost(model, c) for c in build_couples(model) if c.block == 0 and c.group == 0)
+
+
+class _RefusingConfig:
+    """A config class that refuses every construction (one that cannot be rebuilt from its own dict)."""
+
+    def __init__(self, **kwargs):
+        raise TypeError("unexpected keyword")
+
+
+def test_allowed_group_counts_are_the_counts_the_config_class_accepts():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sparseforge.structured.plain_config import _accepted_counts
+
+    assert allowed_group_counts(build("llama-8x4")) == (1, 2, 4)  # 3 groups = 6 heads do not divide hidden 64
+    assert allowed_group_counts(build("smol-like")) == (1, 2, 3)  # 9, 6, 3 heads all divide hidden 36
+    assert allowed_group_counts(build("llama")) == (1, 2)
+    assert allowed_group_counts(build("opt")) == (4,)  # head size = hidden / heads: a plain OPT keeps its heads
+    # Qwen3's config does not check hidden % heads: asked, it accepts every count
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=8))
+    assert allowed_group_counts(qwen3) == (1, 2, 3, 4)
+    # a class that cannot be asked: the heads must divide hidden_size (2 heads per group, hidden 12: 2, 4, 6 heads)
+    assert _accepted_counts(_RefusingConfig, '{"hidden_size": 12}', "num_attention_heads", "num_key_value_heads", 2, 4) \
+        == (1, 2, 3)
+
+
+def test_uniform_groups_step_to_the_next_count_the_config_accepts():
+    model = build("llama-8x4")
+    # least important groups: layer 0 groups 3 then 1, layer 1 groups 0 then 2
+    order = ["model.layers.0:vo.3", "model.layers.0:qk.3", "model.layers.0:vo.1", "model.layers.0:qk.1",
+             "model.layers.1:vo.0", "model.layers.1:qk.0", "model.layers.1:vo.2", "model.layers.1:qk.2"]
+    scores = _scores(model, order)
+    group = _one_group_cost(model)
+    free, _ = plan_round(model, scores, layout="free", fraction=0.1)
+    round_credit = plan_parameters(model, free)  # the θ rule's units on the two selected attention couples
+    assert 0 < round_credit < group
+    # one group per layer is paid for, but 3 groups is a count LlamaConfig refuses: the credit waits
+    plan, carry = plan_round(model, scores, layout="uniform", fraction=0.1, carry={"attention_parameters": 2 * group})
+    assert not plan.items and carry["attention_parameters"] == 2 * group + round_credit
+    plan, carry = plan_round(model, scores, layout="uniform", fraction=0.1, carry={"attention_parameters": 4 * group})
+    assert len(plan) == 1 and carry["attention_parameters"] == round_credit  # one removal: the step 4 -> 2
+    assert set(plan.units()) == set(order)
+    apply_plan(model, plan)
+    assert _group_counts(model) == {2}
+    assert uniform_config(model) == {"intermediate_size": 24, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                     "head_dim": 8}
+    # then 2 -> 1 for one group per layer
+    plan, _ = plan_round(model, _scores(model, []), layout="uniform", fraction=0.1, carry={"attention_parameters": 2 * group})
+    apply_plan(model, plan)
+    assert _group_counts(model) == {1}
+
+
+def test_two_group_steps_in_one_round_are_trimmed_in_order():
+    model = build("llama-8x4")
+    group = _one_group_cost(model)
+    # group importance: groups 0 and 1 0.1, group 2 0.15 (in both layers), group 3 over 1: the step 2 -> 1
+    # (group 2, mass 2 x 0.15) removes less mass than the step 4 -> 2 (groups 0 and 1, mass 4 x 0.1)
+    scores = _scores(model, [])
+    scores.update({f"model.layers.{b}:{k}.{g}": 0.05 for g in (0, 1) for b in (0, 1) for k in ("vo", "qk")})
+    scores.update({f"model.layers.{b}:{k}.2": 0.075 for b in (0, 1) for k in ("vo", "qk")})
+    plan, _ = plan_round(model, scores, layout="uniform", fraction=0.05, carry={"attention_parameters": 6 * group})
+    steps = [i for i in plan.items if ":ffn" not in next(iter(i.units))]
+    assert [len(i.units) // 2 for i in steps] == [4, 2]  # groups per step (QK + VO couples per group), both layers
+    assert steps[0].priority == pytest.approx(0.4) and steps[1].priority == steps[0].priority  # never before step 1
+    trimmed = clamp_plan(model, RemovalPlan(steps), group)  # a budget the step 2 -> 1 alone would meet
+    assert trimmed.items == steps[:1]
+    apply_plan(model, trimmed, layout="uniform")
+    assert _group_counts(model) == {2}
+
+
+def test_smollm2_like_heads_still_go_one_group_at_a_time():
+    model = build("smol-like")
+    group = _one_group_cost(model)
+    counts = []
+    for _ in range(3):
+        plan, _ = plan_round(model, _scores(model, []), layout="uniform", fraction=0.05,
+                             carry={"attention_parameters": 2 * group})
+        apply_plan(model, plan, layout="uniform")
+        counts.append(_group_counts(model))
+    assert counts == [{2}, {1}, {1}]  # never below one group
+    assert uniform_config(model)["num_attention_heads"] == 3
+
+
+def test_uniform_config_refuses_a_group_count_the_config_refuses():
+    model = build("llama-8x4")
+    units = {c.name: list(range(c.units)) for c in build_couples(model) if c.group == 0}
+    apply_plan(model, units, layout="uniform")  # 3 groups: a hand-made plan, not plan_round's
+    with pytest.raises(ConfigError, match=r"refuses 3 KV groups \(6 heads of 8\); it accepts 1, 2, 4") as error:
+        uniform_config(model)
+    assert "\n" not in str(error.value)
+
+
+def test_layout_floor_is_the_hand_computed_smallest_model():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # LLaMA (hidden 64, FFN 48, 2 groups of 2 heads of 16, 2 blocks): an FFN unit is 3 x 64; a group is
+    # q 2 x 16 x 64 + k, v 16 x 64 + o 64 x 32 = 6144; a QK unit (a rotary pair) 6 rows of 64, a VO unit 64 + 2 x 64
+    model = build("llama")
+    total, ffn = n_params(model), 47 * 192
+    assert layout_floor(model, "uniform") == total - 2 * (ffn + 6144)  # one group, FFN width 1
+    assert layout_floor(model, "free") == total - 2 * (ffn + 2 * (7 * 384 + 15 * 192))  # one unit per couple
+    # 8 heads of 8 in 4 groups: uniform goes down to 1 group (a group: q 2 x 8 x 64 + k, v 8 x 64 + o 64 x 16 = 3072)
+    model = build("llama-8x4")
+    assert layout_floor(model, "uniform") == n_params(model) - 2 * (23 * 192 + 3 * 3072)
+    # BERT (hidden 32, FFN 48): the uniform layout keeps every head; an FFN unit is up row + bias + down column
+    model = build("bert")
+    assert layout_floor(model, "uniform") == n_params(model) - 2 * 47 * 65
+    # Qwen3 runs no per-group sizes (q/k norms): the free layout keeps one whole group per layer
+    torch.manual_seed(0)
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=8))
+    assert layout_floor(qwen3, "free") == n_params(qwen3) - 2 * (23 * 192 + 3 * 3072)
 
 
 # ------------------------------------------------------------------ surgery: exact against the masked model

@@ -102,6 +102,42 @@ def test_rounds_shrink_to_the_target_and_training_goes_on(layout, tmp_path):
         assert any(isinstance(layer.self_attn, CompactAttention) for layer in model.model.layers)
 
 
+class KVGroups(Callback):
+    """The KV-group counts of the layers after every step."""
+
+    def __init__(self):
+        self.counts = []
+
+    def on_step_end(self, trainer, record):
+        layers = trainer.unwrapped_model().model.layers
+        self.counts.append({layer.self_attn.k_proj.out_features // 8 for layer in layers})
+
+
+def test_uniform_rounds_only_leave_group_counts_a_plain_config_holds(tmp_path):
+    from sparseforge.export import save
+
+    torch.manual_seed(0)  # hidden 64, 8 heads of 8 in 4 KV groups: LlamaConfig refuses 3 groups (6 heads)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                                         max_position_embeddings=128))
+    # 0.45 of the parameters: even at FFN width 1, two groups per layer are too many
+    m = build_train_method("transpa", 24, {**OPTIONS, "target_params": 0.45, "layout": "uniform"})
+    m.prepare(model)
+    groups = KVGroups()
+    config = TrainConfig(steps=24, batch_size=2, lr=1e-3, warmup=0.0, weight_decay=0.01)
+    trainer = Trainer(model, examples(), config, callbacks=[*m.callbacks(), groups], progress=False)
+    trainer.train()
+    model, report = m.finish(trainer.unwrapped_model())
+    assert report["reached_target"]
+    seen = [next(iter(c)) for c in groups.counts]
+    assert all(len(c) == 1 for c in groups.counts) and 3 not in seen and seen[-1] == 1 and 2 in seen
+    save(model, None, tmp_path / "plain", metadata={})  # the save `sparseforge train` does for the uniform layout
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")  # vanilla transformers
+    assert plain.config.num_key_value_heads == 1 and plain.config.num_attention_heads == 2
+    assert count_parameters(plain) == count_parameters(model)
+    torch.testing.assert_close(logits(plain), logits(model), atol=1e-5, rtol=1e-5)
+
+
 def test_free_layout_reloads_with_sparseforge(tmp_path, tiny_dir):
     from sparseforge.export import save
     from sparseforge.loading import load_model
@@ -155,6 +191,26 @@ def test_target_below_the_embeddings_is_refused_before_training():
         m.prepare(llama())
 
 
+@pytest.mark.parametrize("layout", ["uniform", "free"])
+def test_a_target_below_what_the_layout_reaches_is_refused_naming_the_floor(layout):
+    import re
+
+    from sparseforge.structured import layout_floor
+
+    model = llama()
+    total, floor = count_parameters(model), layout_floor(model, layout)
+    below = round(floor / total - 0.002, 4)
+    with pytest.raises(ConfigError, match=f"below what the {layout} layout can reach") as refused:
+        build_train_method("transpa", 10, {**OPTIONS, "target_params": below, "layout": layout}).prepare(model)
+    message = str(refused.value)
+    assert "\n" not in message and f"{floor:,} of {total:,} parameters" in message
+    assert ("--layout free (it reaches" in message) == (layout == "uniform")  # free reaches lower on this LLaMA
+    suggested = float(re.search(r"choose --target-params ([0-9.]+) or more", message).group(1))
+    assert floor / total <= suggested < floor / total + 1e-4
+    m = build_train_method("transpa", 10, {**OPTIONS, "target_params": suggested, "layout": layout})
+    assert m.check(model)[3] >= floor  # the suggested target is accepted, and reachable
+
+
 # ------------------------------------------------------------------ CLI
 
 
@@ -192,6 +248,18 @@ def test_cli_bad_transpa_inputs(capsys, tmp_path, argv, fragment):
                             "--seq-len", "32", "--output", out, *argv)
     assert code == 2 and fragment in err and err.count("\n") == 1 and err.startswith("sparseforge: error: ")
     assert not out.exists()
+
+
+def test_cli_refuses_the_encoder_target_its_uniform_layout_cannot_reach(capsys, tmp_path):
+    # BERT's uniform layout keeps every head: 60% of MiniLM is out of its reach, the free layout's floor is ~54%
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    code, stdout, err = cli(capsys, "train", "--method", "transpa", "--model", "encoder", "--task", "classify", "--data",
+                            "wiki-topics", "--target-params", "0.6", "--steps", "4", "--round-steps", "2", "--no-eval",
+                            "--output", out, "--json", report)
+    error = err.rstrip("\n").split("\n")[-1]  # after the weights' loading progress bar
+    assert code == 2 and error.startswith("sparseforge: error: ") and err.count("sparseforge: error") == 1
+    assert "below what the uniform layout can reach" in error and "--layout free" in error
+    assert not out.exists() and not report.exists() and list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

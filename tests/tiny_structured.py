@@ -29,6 +29,14 @@ def llama(bias: bool = False, layers: int = 2):
     return LlamaForCausalLM(config)
 
 
+def llama_heads(hidden: int, heads: int, kv_heads: int, head_dim: int, layers: int = 2, ffn: int = 24):
+    """A LLaMA whose head count times head_dim differs from hidden_size (its config still checks hidden % heads)."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         max_position_embeddings=128)
+    return LlamaForCausalLM(config)
+
+
 def opt():
     config = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
                        max_position_embeddings=128, word_embed_proj_dim=32)
@@ -46,7 +54,11 @@ def bert():
     return BertForSequenceClassification(config)
 
 
-BUILDERS = {"llama": llama, "llama-bias": lambda: llama(bias=True), "opt": opt, "gpt2": gpt2, "bert": bert}
+BUILDERS = {"llama": llama, "llama-bias": lambda: llama(bias=True), "opt": opt, "gpt2": gpt2, "bert": bert,
+            # 2 query heads per KV group, hidden 64: 3 groups (6 heads) is a count LlamaConfig refuses
+            "llama-8x4": lambda: llama_heads(64, 8, 4, 8),
+            # SmolLM2's head layout (9 heads / 3 KV heads, hidden 576) scaled down: every count 3, 2, 1 divides
+            "smol-like": lambda: llama_heads(36, 9, 3, 4)}
 
 
 def build(name: str, seed: int = 0):

@@ -17,11 +17,13 @@ from __future__ import annotations
 from .attention import AttentionLayout, CompactAttention, GroupLayout
 from .couples import BlockAttention, Couple, Member, block_attention, build_couples, compact_capable, unit_cost
 from .importance import CoupledFisher, magnitude_scores, structured_l1_scores, tsvd, unit_scores
+from .plain_config import allowed_group_counts
 from .select import (
     LAYOUTS,
     Removal,
     RemovalPlan,
     clamp_plan,
+    layout_floor,
     normalize_units,
     plan_parameters,
     plan_round,
@@ -43,11 +45,13 @@ __all__ = [
     "RemovalPlan",
     "StructuredConv1D",
     "SurgeryReport",
+    "allowed_group_counts",
     "apply_plan",
     "block_attention",
     "build_couples",
     "clamp_plan",
     "compact_capable",
+    "layout_floor",
     "magnitude_scores",
     "manifest_includes",
     "normalize_units",

@@ -33,9 +33,10 @@ import torch
 from ..errors import ConfigError
 from ..models import get_adapter
 from ..train.trainer import Callback
-from .couples import block_attention, ffn_couple
+from .couples import block_attention, compact_capable, ffn_couple
 from .importance import CoupledFisher
-from .select import LAYOUTS, RemovalPlan, clamp_plan, plan_round
+from .plain_config import allowed_group_counts, config_keys
+from .select import LAYOUTS, RemovalPlan, clamp_plan, layout_floor, plan_round
 from .surgery import apply_plan, uniform_config
 
 log = logging.getLogger(__name__)
@@ -106,15 +107,17 @@ def estimated_rounds(block: int, target_block: int, fraction: float, theta: floa
     return math.ceil(math.log(target_block / block) / math.log(1 - per_round) - 1e-9)
 
 
+def _at_least(parameters: int, total: int) -> str:
+    """The smallest 4-decimal fraction of ``total`` whose target is at least ``parameters``."""
+    return f"{math.ceil(parameters / total * 1e4) / 1e4:.4f}"
+
+
 def _is_ffn(couple: str) -> bool:
     return couple.rpartition(":")[2] == "ffn"
 
 
 def _ffn_only(model, layout: str) -> bool:
-    from .surgery import CONFIG_KEYS
-
-    adapter = get_adapter(model)
-    keys = next((k for cls, k in CONFIG_KEYS.items() if isinstance(adapter, cls)), None)
+    keys = config_keys(get_adapter(model))
     return layout == "uniform" and keys is not None and keys["head_dim"] is None
 
 
@@ -214,7 +217,8 @@ class TranSpaMethod:
         return {"transpa": asdict(self.config)}
 
     def check(self, model) -> tuple[int, int, int, int]:
-        """(parameters, block parameters, the rest, target); ConfigError if the target is below the rest."""
+        """(parameters, block parameters, the rest, target); ConfigError if the target is below the rest or below
+        the fewest parameters the layout can reach (``layout_floor``)."""
         total = count_parameters(model)
         block = block_parameters(model)
         outside = total - block
@@ -223,7 +227,28 @@ class TranSpaMethod:
             raise ConfigError(f"--target-params {self.config.target_params} is below the parameters outside the blocks "
                               f"(embeddings, norms, head: {outside / total:.4f} of {total:,}): only the blocks shrink, "
                               f"choose a target above {outside / total:.4f}")
+        floor = layout_floor(model, self.config.layout)
+        if target < floor:
+            raise ConfigError(self._unreachable(model, total, floor))
         return total, block, outside, target
+
+    def _unreachable(self, model, total: int, floor: int) -> str:
+        """The one-line refusal of a target below ``floor``, the fewest parameters the layout reaches."""
+        config = self.config
+        if config.layout == "free":
+            what = "one unit in every couple" if compact_capable(model) else "one KV group per layer, FFN width 1"
+            hint = ""
+        else:
+            if _ffn_only(model, config.layout):
+                family = type(get_adapter(model)).__name__.removesuffix("Adapter")
+                what = f"a plain {family} checkpoint keeps every attention head, FFN width 1"
+            else:
+                groups = min(allowed_group_counts(model))
+                what = f"{groups} KV group{'s' if groups > 1 else ''} per layer (the fewest its config accepts), FFN width 1"
+            free = layout_floor(model, "free")
+            hint = f", or use --layout free (it reaches {_at_least(free, total)})" if free < floor else ""
+        return (f"--target-params {config.target_params} is below what the {config.layout} layout can reach ({what}: "
+                f"{floor:,} of {total:,} parameters): choose --target-params {_at_least(floor, total)} or more{hint}")
 
     def prepare(self, model) -> dict:
         config = self.config

@@ -24,15 +24,18 @@ Layouts (``plan_round``):
   (plus the carried remainder) is spread equally over the L layers (⌊n / L⌋ each, the
   rest carried to the next round); each layer removes its lowest-v units, slice by
   slice (slice k = every layer's k-th lowest unit). Attention: the attention parameters
-  the free rule would remove accumulate as a credit; whenever the credit covers one KV
-  group in every layer, every layer removes its lowest-importance group (group
-  importance = Î(QK_g) + Î(VO_g)), whole, with its query heads; head size unchanged, the
+  the free rule would remove accumulate as a credit. The group count per layer only
+  steps between counts the model's plain config accepts (``allowed_group_counts``: e.g.
+  LLaMA's config refuses heads that do not divide hidden_size): whenever the credit covers
+  the step from the current count to the next accepted smaller one in every layer, every
+  layer removes that many of its lowest-importance groups (group importance = Î(QK_g) +
+  Î(VO_g)), whole, with their query heads, as one removal; head size unchanged, the
   query/KV ratio kept, at least one group per layer. The carry (FFN units, attention
   parameters) is returned for the next round: keep it in the callback's state.
 
 ``clamp_plan`` then trims a plan to a parameter budget: removals in priority order until
 the budget is met, the last one included, so a round never removes more than one
-removal (a unit; a slice / a group in the uniform layout) beyond the target.
+removal (a unit; an FFN slice / a group step in the uniform layout) beyond the target.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from torch import nn
 from ..errors import ConfigError
 from .couples import Couple, build_couples, compact_capable, couple_name, unit_cost
 from .importance import UNIT_SCORERS
+from .plain_config import allowed_group_counts
 
 LAYOUTS = ("free", "uniform")
 
@@ -155,6 +159,29 @@ def plan_parameters(model: nn.Module, plan: RemovalPlan | Mapping[str, Iterable[
     units = normalize_units(couples, plan.units() if isinstance(plan, RemovalPlan) else plan)
     by_name = {c.name: c for c in couples}
     return sum(len(us) * unit_cost(model, by_name[name]) for name, us in units.items())
+
+
+def layout_floor(model: nn.Module, layout: str) -> int:
+    """The fewest parameters (tied once) rounds of ``layout`` can leave: every FFN at one unit; attention:
+    ``free`` with compact attention, one unit per QK / VO couple (the θ rule keeps a unit with mass, the
+    progress rule never takes a couple's last); whole KV groups otherwise, down to the smallest count a
+    plain config accepts (``uniform``; a family deriving its head size keeps its heads) or one group per
+    layer (``free`` without compact attention)."""
+    check_layout(layout)
+    couples = build_couples(model)
+    costs = {c.name: unit_cost(model, c) for c in couples}
+    per_unit = layout == "free" and compact_capable(model)
+    removable = sum((c.units - 1) * costs[c.name] for c in couples if c.kind == "ffn" or per_unit)
+    if not per_unit:
+        keep = min(allowed_group_counts(model)) if layout == "uniform" else 1
+        groups: dict[tuple[int, int], int] = {}
+        for c in couples:
+            if c.kind != "ffn":
+                groups[c.block, c.group] = groups.get((c.block, c.group), 0) + c.units * costs[c.name]
+        for block in {b for b, _ in groups}:
+            block_costs = sorted(cost for (b, _), cost in groups.items() if b == block)
+            removable += sum(block_costs[keep:])  # the cheapest ``keep`` stay: the floor is the fewest reachable
+    return sum(p.numel() for p in model.parameters()) - removable
 
 
 def _item_cost(item: Removal, costs: Mapping[str, int]) -> int:
@@ -268,7 +295,7 @@ def plan_round(model: nn.Module, scores: Mapping[str, float], *, layout: str = "
         groups, credit_left = _whole_groups_anywhere(r, credit)
         return RemovalPlan([i for i in free if r.is_ffn(i)] + groups, "free"), {**carry, "attention_parameters": credit_left}
     ffn_items, ffn_left = _uniform_ffn(r, carry["ffn_units"] + ffn_units)
-    group_items, credit_left = _uniform_groups(r, credit)
+    group_items, credit_left = _uniform_groups(r, credit, allowed_group_counts(model))
     return RemovalPlan(ffn_items + group_items, "uniform"), {"ffn_units": ffn_left, "attention_parameters": credit_left}
 
 
@@ -297,18 +324,30 @@ def _uniform_ffn(r: _Round, units: float) -> tuple[list[Removal], float]:
     return items, float(units - per_layer * len(names))
 
 
-def _uniform_groups(r: _Round, credit: float) -> tuple[list[Removal], float]:
-    """Slices of whole KV groups (each layer's next least important group) while the credit covers a slice."""
+def _uniform_groups(r: _Round, credit: float, allowed: Iterable[int]) -> tuple[list[Removal], float]:
+    """Steps of whole KV groups while the credit covers one: from the layers' group count to the next
+    ``allowed`` smaller count, each layer losing its next least important groups (one removal per step)."""
+    counts = {len(r.groups(b)) for b in r.blocks}
+    if len(counts) != 1:  # layers already differ: not a uniform model, no group step keeps it one
+        return [], float(credit)
+    (count,) = counts
     ranked = {b: [g for _, g in r.ranked_groups(b)] for b in r.blocks}
-    slices = min(min(len(r.groups(b)) - 1, len(ranked[b])) for b in r.blocks)
-    items = []
-    for s in range(max(slices, 0)):
-        cost = sum(r.group_cost(b, ranked[b][s]) for b in r.blocks)
+    scored = min(len(gs) for gs in ranked.values())  # only scored groups can go
+    items, gone = [], 0
+    for target in sorted((n for n in set(allowed) if 1 <= n < count), reverse=True):
+        if count - target > scored:
+            break
+        step = {b: ranked[b][gone:count - target] for b in r.blocks}
+        cost = sum(r.group_cost(b, g) for b, gs in step.items() for g in gs)
         if cost > credit:
             break
         units: dict[str, tuple[int, ...]] = {}
-        for b in r.blocks:
-            units.update(r.group_units(b, ranked[b][s]))
-        items.append(Removal(units, sum(r.group_importance(b, ranked[b][s]) for b in r.blocks)))
+        for b, gs in step.items():
+            for g in gs:
+                units.update(r.group_units(b, g))
+        mass = sum(r.group_importance(b, g) for b, gs in step.items() for g in gs)
+        # never before the previous step (a later step alone would leave a count the config refuses)
+        items.append(Removal(units, max(mass, items[-1].priority) if items else mass))
         credit -= cost
+        gone = count - target
     return items, float(credit)

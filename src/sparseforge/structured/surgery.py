@@ -33,25 +33,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError, ModelError
-from ..models import BertAdapter, GPT2Adapter, LlamaAdapter, OPTAdapter, get_adapter
+from ..models import get_adapter
 from .attention import OUT_DROPOUT_ATTRS, PROB_DROPOUT_ATTRS, AttentionLayout, CompactAttention, GroupLayout, dropout_of
 from .couples import BlockAttention, block_attention, build_couples, compact_capable, couple_name, ffn_couple, unit_cost
+from .plain_config import allowed_group_counts, config_keys
 from .select import RemovalPlan, check_layout, normalize_units
 
 #: attributes HF attention modules keep their head counts in: name -> what it holds
 HEAD_COUNT_ATTRS = {"num_heads": "heads", "num_attention_heads": "heads", "num_key_value_heads": "groups",
                     "all_head_size": "width", "split_size": "width"}
-
-#: config keys of the uniform layout per family: FFN width, query heads, KV heads (None: = heads), explicit head size
-#: (None: the family derives it from hidden_size / heads, so its heads cannot change in a plain checkpoint)
-CONFIG_KEYS = {
-    LlamaAdapter: {"ffn": "intermediate_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
-                   "head_dim": "head_dim"},
-    OPTAdapter: {"ffn": "ffn_dim", "heads": "num_attention_heads", "kv_heads": None, "head_dim": None},
-    GPT2Adapter: {"ffn": "n_inner", "heads": "n_head", "kv_heads": None, "head_dim": None},
-    BertAdapter: {"ffn": "intermediate_size", "heads": "num_attention_heads", "kv_heads": None, "head_dim": None},
-}
-
 
 class StructuredConv1D(Conv1D):
     """GPT-2's Conv1D with a manifest entry: a shrunk Conv1D cannot be rebuilt from the config."""
@@ -228,7 +218,7 @@ def _check_uniform(model, adapter, layouts, removed) -> None:
 def uniform_config(model: nn.Module) -> dict:
     """The config changes that make ``from_pretrained`` rebuild this (uniform-layout) model as a plain HF model."""
     adapter = get_adapter(model)
-    keys = next((k for cls, k in CONFIG_KEYS.items() if isinstance(adapter, cls)), None)
+    keys = config_keys(adapter)
     if keys is None:
         raise ConfigError(f"no uniform-layout config keys for {type(adapter).__name__}: save with the structure manifest")
     spec = adapter.attention()
@@ -248,6 +238,11 @@ def uniform_config(model: nn.Module) -> dict:
             raise ConfigError(f"{type(adapter).__name__.removesuffix('Adapter')} derives its head size from hidden_size / heads: "
                               "a model with removed heads cannot be a plain checkpoint; save with the structure manifest")
         return changes
+    allowed = allowed_group_counts(model)
+    if num_groups not in allowed:
+        raise ConfigError(f"a plain {type(model.config).__name__} refuses {num_groups} KV groups ({heads} heads of "
+                          f"{spec.head_dim}); it accepts {', '.join(map(str, allowed))}: remove groups with plan_round's "
+                          "uniform rule, or save with the structure manifest (layout free)")
     changes.update({keys["heads"]: heads, keys["kv_heads"]: num_groups, keys["head_dim"]: spec.head_dim})
     return changes
 
