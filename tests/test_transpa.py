@@ -150,6 +150,37 @@ def test_free_layout_reloads_with_sparseforge(tmp_path, tiny_dir):
     torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
 
 
+def test_loading_a_free_layout_model_materialises_no_full_size_parameter(tmp_path, tiny_dir, monkeypatch):
+    from sparseforge import loading
+    from sparseforge.export import save
+
+    model, *_ = run(layout="free")
+    manifest = structure_manifest(model, include=manifest_includes(model))
+    save(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "free", metadata={"structure": manifest})
+    skeletons, apply_structure = [], loading.apply_structure
+
+    def watched(skeleton, *args):  # the skeleton as the loader builds it, before and after the recorded modules go in
+        skeletons.append({n: p.is_meta for n, p in skeleton.named_parameters()})
+        names = apply_structure(skeleton, *args)
+        skeletons.append({n: p.is_meta for n, p in skeleton.named_parameters()})
+        return names
+
+    monkeypatch.setattr(loading, "apply_structure", watched)
+    loaded, _ = loading.load_model(str(tmp_path / "free"))
+    assert len(skeletons) == 2 and all(all(meta.values()) for meta in skeletons)  # no weight before the file's
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert {n: p.shape for n, p in loaded.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+    # a new classifier head on the loaded body is initialised (not left empty), the same for the same seed
+    heads = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        classifier, _ = loading.load_model(str(tmp_path / "free"), task="classify", label_names=["a", "b", "c"])
+        heads.append(classifier.score.weight.detach())
+    assert not heads[0].is_meta and torch.equal(heads[0], heads[1])
+    assert 0.01 < float(heads[0].std()) < 0.04  # initializer_range 0.02
+
+
 def test_structured_l1_follows_the_same_rounds():
     _, coupled, info, *_ = run("transpa")
     _, uncoupled, info_l1, *_ = run("structured-l1")

@@ -380,7 +380,14 @@ def _read_safetensors(model_dir: Path, origins: dict | None = None) -> dict[str,
 def _load_structured(model_cls, name: str, config, manifest: dict | None, dtype: torch.dtype, task: str,
                      sparse: str | None = None):
     """Build from the config, put the recorded modules in (if a ``manifest``), decompress the ``sparse``
-    weights (if a format is announced), load the weights strictly (tied keys excepted)."""
+    weights (if a format is announced), load the weights strictly (tied keys excepted).
+
+    The skeleton's parameters live on the meta device (its buffers, e.g. rotary tables, are real) and
+    the file's tensors become the parameters (``assign``): a shrunk model never materialises its
+    original full shapes nor holds its weights twice, so loading peaks near the saved model's size.
+    """
+    from accelerate import init_empty_weights
+
     new_head = task == "classify" and not _is_classifier(config)  # a saved language model gets a new classifier head
     rebuilt = f"its {METADATA_FILE} structure" if manifest is not None else "its config.json"
     if manifest is not None:
@@ -388,9 +395,10 @@ def _load_structured(model_cls, name: str, config, manifest: dict | None, dtype:
     for key in CONFIG_KEYS:  # the weights are dense once decompressed; a later save must not announce compression
         if hasattr(config, key):
             delattr(config, key)
-    model = model_cls.from_config(config, dtype=dtype)
-    if manifest is not None:
-        apply_structure(model, manifest, dtype)
+    with init_empty_weights(include_buffers=False):
+        model = model_cls.from_config(config, dtype=dtype)
+        if manifest is not None:
+            apply_structure(model, manifest, dtype)
     origins: dict[str, Path] = {}
     state = _read_safetensors(Path(name), origins)
     tensors = model.state_dict(keep_vars=True)
@@ -401,7 +409,11 @@ def _load_structured(model_cls, name: str, config, manifest: dict | None, dtype:
     if wrong:
         raise ModelError(f"the weights in {name} do not fit the model rebuilt from {rebuilt} "
                          f"({_keys(wrong, 3)}): the weights and the {_source(manifest)} disagree; save the model again")
-    result = model.load_state_dict(state, strict=False)
+    for key, value in state.items():  # the dtype asked for (the skeleton's, fp32-kept modules included), one at a time
+        if key in tensors and value.is_floating_point() and value.dtype != tensors[key].dtype:
+            state[key] = value.to(tensors[key].dtype)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    del state, tensors
     model.tie_weights()
     missing, unexpected = set(result.missing_keys), set(result.unexpected_keys)
     tensors = model.state_dict(keep_vars=True)
@@ -417,7 +429,15 @@ def _load_structured(model_cls, name: str, config, manifest: dict | None, dtype:
                          f"({'; '.join(parts)}): the weights and the {_source(manifest)} disagree; save the model again")
     if head:
         log.info("newly initialised classifier head (%d labels): %s", model.config.num_labels, _keys(head))
+        for module_name in sorted({k.rpartition(".")[0] for k in head}):
+            module = model.get_submodule(module_name)
+            module.to_empty(device="cpu", recurse=False)
+            model._init_weights(module)
     _mark_new_weights(model, head)
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ModelError(f"the model rebuilt from {rebuilt} of {name} has no values for "
+                         f"{_keys(empty)}: the weights and the {_source(manifest)} disagree; save the model again")
     return model
 
 

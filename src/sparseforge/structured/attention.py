@@ -253,7 +253,8 @@ class CompactAttention(nn.Module):
 
             buffers["q_dims"], buffers["q_partner"], buffers["q_sign"] = rope_tables(g_of_head)
             buffers["k_dims"], buffers["k_partner"], buffers["k_sign"] = rope_tables(range(lay.num_groups))
-        device = next((p.device for p in self.parameters()), None)
+        # the projections' device, unless they are meta (a skeleton being loaded): then the tables stay real
+        device = next((p.device for p in self.parameters() if not p.is_meta), None)
         for name, value in buffers.items():
             self.register_buffer(name, value.to(device) if device is not None else value, persistent=False)
 
