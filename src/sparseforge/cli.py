@@ -285,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lm: wiki | FILE.txt | FILE.jsonl | dataset dir (default wiki); classify: wiki-topics | FILE")
     p.add_argument("--label-field", default="label", help="label field of classification data")
     _add_eval_args(p, "tokens per window / per text (default 512 lm, 128 classify)", seq_len=None)
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot lm-eval tasks instead of perplexity, comma-separated: sparseforge_wiki (built in, no "
+                        "download), or any lm-eval task whose dataset is in the local cache (hellaswag, arc_easy...); "
+                        "add 'perplexity' for both. Needs pip install 'sparseforge[eval]'")
+    p.add_argument("--limit", type=integer(1), default=None, help="--tasks: the first N examples of each task (default all)")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=integer(1), default=argparse.SUPPRESS,
+                   help="same as --eval-batch-size (examples per forward)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
 
     p = sub.add_parser("bench-speed", help="prefill and decode tokens/s of several models, measured interleaved",
@@ -692,21 +699,47 @@ def _print_train_summary(args, report) -> None:
           f"{b['bytes'] / 2**20:.1f} MiB)")
 
 
+def _zero_shot_tasks(args):
+    """--tasks, checked before the model loads: (lm-eval task names, perplexity too?, task manager), or None."""
+    if args.tasks is None:
+        if args.limit is not None:
+            raise ConfigError("--limit counts the examples of --tasks: add --tasks NAME,... or drop --limit")
+        return None
+    if args.task == "classify":
+        raise ConfigError("--tasks scores a causal language model: drop --task classify")
+    from .eval.harness import parse_task_list, prepare_tasks
+
+    names = parse_task_list(args.tasks)
+    tasks = [name for name in names if name != "perplexity"]
+    return tasks, len(tasks) < len(names), prepare_tasks(tasks) if tasks else None
+
+
 def cmd_eval(args) -> int:
     from .loading import load_model
     from .training import DEFAULT_SEQ_LEN
 
     _check_paths(args)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, task=args.task)
-    if getattr(model.config, "architectures", None) and model.config.architectures[0].endswith("ForSequenceClassification") \
-            or args.task == "classify":
+    zero_shot = _zero_shot_tasks(args)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, task="lm" if zero_shot else args.task)
+    if not zero_shot and (getattr(model.config, "architectures", None)
+                          and model.config.architectures[0].endswith("ForSequenceClassification") or args.task == "classify"):
         return _eval_classification(model, tokenizer, args)
     args.data = args.data or "wiki"
     args.seq_len = args.seq_len or DEFAULT_SEQ_LEN["lm"]
-    result = _eval(model, tokenizer, args)
+    tasks, with_perplexity, manager = zero_shot or ([], True, None)
+    result = {}
+    if with_perplexity:
+        result = _eval(model, tokenizer, args)
+        print(f"perplexity {result['perplexity']:.3f}  ({result['n_windows']} windows x {result['seq_len']} tokens "
+              f"of {args.data}, {result['seconds']:.1f}s)")
+    if tasks:
+        from .eval.harness import format_table, run_tasks
+
+        scores = run_tasks(model, tokenizer, tasks, limit=args.limit, batch_size=args.eval_batch_size, manager=manager)
+        result["tasks"] = scores.pop("tasks")
+        result["lm_eval"] = scores
+        print(format_table(result["tasks"]))
     result["model"] = args.model or "embedded:SmolLM2-135M-Instruct"
-    print(f"perplexity {result['perplexity']:.3f}  ({result['n_windows']} windows x {result['seq_len']} tokens "
-          f"of {args.data}, {result['seconds']:.1f}s)")
     print(json.dumps(result))
     _write_json(args.json, result)
     return 0
