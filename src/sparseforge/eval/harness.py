@@ -107,7 +107,7 @@ def _quiet_lm_eval():
 def _missing_data_error(name: str, error: BaseException) -> DataError:
     import datasets.config
 
-    found = re.search(r"'([^']+)'", str(error))  # datasets names the hub id it could not reach
+    found = re.search(r"'([^'\s]+)'", str(error))  # datasets names the hub id it could not reach
     dataset = f" ({found.group(1)})" if found else ""
     log.debug("task %s: %s", name, first_line(error))
     return DataError(f"task {name} needs its dataset{dataset}, which is not in the local cache ({datasets.config.HF_DATASETS_CACHE}): "
