@@ -42,6 +42,7 @@ from .sparse_format import (
     bitmask_bytes,
     compress_24,
     compress_bitmask,
+    count,
     decompress,
     packed_24_bytes,
     packs_24,
@@ -157,7 +158,7 @@ def choose_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[str | None, list
     shrink, bitmask_total, packed_total, all_pack = [], 0, 0, True
     for name, tensor in tensors.items():
         rows, columns = tensor.shape
-        size = bitmask_bytes(rows, columns, int(stored_entries(tensor).sum()), tensor.element_size())
+        size = bitmask_bytes(rows, columns, int(count(stored_entries(tensor))), tensor.element_size())
         if size >= tensor.numel() * tensor.element_size():
             continue
         shrink.append(name)
@@ -204,7 +205,7 @@ def compress_directory(directory: Path, model) -> dict:
             if key not in wanted:
                 out[key] = tensor
                 continue
-            zeros += tensor.numel() - int(stored_entries(tensor).sum())
+            zeros += tensor.numel() - int(count(stored_entries(tensor)))
             entries += tensor.numel()
             for part, value in compress(tensor).items():
                 out[f"{_prefix(key)}.{part}"] = value

@@ -53,20 +53,36 @@ class CompressedTensorError(ModelError):
 # ---------------------------------------------------------------- masks
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def stored_entries(weight: torch.Tensor) -> torch.Tensor:
     """Bool mask of the entries with any bit set (a plain ``!= 0`` would drop ``-0.0``)."""
     if weight.dtype == torch.bool:
         return weight.clone()
+    same_size_int = _INT_OF_SIZE.get(weight.element_size())
+    if same_size_int is not None:  # one comparison of the raw bits (3-4x faster than per-byte any())
+        return weight.contiguous().view(same_size_int).ne(0)
     raw = weight.contiguous().view(torch.uint8).reshape(*weight.shape, weight.element_size())
     return raw.ne(0).any(-1)
+
+
+def count(mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Set entries of a bool mask (over ``dim``, or all), as int64: summing its bytes is ~5x faster than a bool sum."""
+    as_bytes = mask.view(torch.uint8)
+    return as_bytes.sum(dtype=torch.int64) if dim is None else as_bytes.sum(dim, dtype=torch.int64)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """(..., C) bool -> (..., ceil(C/8)) uint8, least significant bit first, zero padding bits."""
     columns = mask.shape[-1]
-    padded = torch.nn.functional.pad(mask.to(torch.int32), (0, (-columns) % 8))
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, (-columns) % 8))
     groups = padded.reshape(*mask.shape[:-1], -1, 8)
-    return (groups * _BIT_VALUES).sum(-1).to(torch.uint8)
+    bits = groups.to(torch.uint8)
+    packed = bits[..., 0].clone()
+    for j in range(1, 8):  # OR of shifted bits: ~5x faster than a weighted sum over the last dim of 8
+        packed |= bits[..., j] << j
+    return packed
 
 
 def unpack_mask(packed: torch.Tensor, columns: int) -> torch.Tensor:
@@ -84,8 +100,8 @@ def compress_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The sparse-bitmask tensors of a 2-D ``weight``."""
     _check_matrix(weight)
     mask = stored_entries(weight)
-    counts = mask.sum(-1)
-    return {"compressed": weight[mask].contiguous(), "bitmask": pack_mask(mask),
+    counts = count(mask, -1)
+    return {"compressed": torch.masked_select(weight, mask), "bitmask": pack_mask(mask),
             "row_offsets": (counts.cumsum(0) - counts).to(torch.int64),
             "shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
 
@@ -94,7 +110,7 @@ def packs_24(weight: torch.Tensor) -> bool:
     """True if ``weight`` (2-D, columns a multiple of 4) has at most 2 stored entries in every group of 4."""
     if weight.dim() != 2 or weight.shape[1] % 4:
         return False
-    return bool(stored_entries(weight).reshape(weight.shape[0], -1, 4).sum(-1).le(2).all())
+    return bool(count(stored_entries(weight).reshape(weight.shape[0], -1, 4), -1).le(2).all())
 
 
 def compress_24(weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,10 +123,10 @@ def compress_24(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     mask = stored_entries(weight).reshape(rows, -1, 4)
     # a group with fewer than 2 stored entries also stores its first zeros, so that every group fills 2 slots
     empty = ~mask
-    missing = 2 - mask.sum(-1, keepdim=True)
+    missing = 2 - count(mask, -1).unsqueeze(-1)
     mask = mask | (empty & (empty.cumsum(-1) <= missing))
     mask = mask.reshape(rows, columns)
-    return {"compressed": weight[mask].reshape(rows, columns // 2).contiguous(), "bitmask": pack_mask(mask),
+    return {"compressed": torch.masked_select(weight, mask).reshape(rows, columns // 2), "bitmask": pack_mask(mask),
             "shape": torch.tensor(list(weight.shape), dtype=torch.int64).reshape(-1, 1)}
 
 
@@ -141,7 +157,8 @@ def decompress(parts: dict[str, torch.Tensor], layout: str) -> torch.Tensor:
         raise CompressedTensorError(f"its bitmask is {tuple(packed.shape)} {_dtype(packed)}; a weight of shape "
                                     f"{tuple(shape)} needs {(*leading, math.ceil(columns / 8))} uint8")
     mask = unpack_mask(packed, columns)
-    stored = int(mask.sum())
+    row_counts = count(mask.reshape(-1, mask.shape[-1]), -1)
+    stored = int(row_counts.sum())
     if stored != values.numel():
         raise CompressedTensorError(f"its bitmask has {stored} set bits but {values.numel()} values are stored "
                                     "(the values are truncated or the mask is wrong)")
@@ -150,10 +167,8 @@ def decompress(parts: dict[str, torch.Tensor], layout: str) -> torch.Tensor:
     else:
         if values.dim() != 1:
             raise CompressedTensorError(f"its values have shape {tuple(values.shape)}; the bitmask layout stores them flat")
-        _check_row_offsets(parts["row_offsets"], mask)
-    weight = torch.zeros(shape, dtype=values.dtype)
-    weight[mask] = values.reshape(-1)
-    return weight
+        _check_row_offsets(parts["row_offsets"], row_counts)
+    return torch.zeros(shape, dtype=values.dtype).masked_scatter_(mask, values.reshape(-1))
 
 
 def _shape(tensor: torch.Tensor) -> list[int]:
@@ -171,13 +186,12 @@ def _check_24(values: torch.Tensor, mask: torch.Tensor, shape: list[int]) -> Non
     if tuple(values.shape) != (shape[0], shape[1] // 2):
         raise CompressedTensorError(f"its values have shape {tuple(values.shape)}; the 2:4 layout of {shape} "
                                     f"stores {(shape[0], shape[1] // 2)}")
-    if not bool(mask.reshape(shape[0], -1, 4).sum(-1).eq(2).all()):
+    if not bool(count(mask.reshape(shape[0], -1, 4), -1).eq(2).all()):
         raise CompressedTensorError("its bitmask does not set exactly 2 bits in every group of 4")
 
 
-def _check_row_offsets(offsets: torch.Tensor, mask: torch.Tensor) -> None:
-    counts = mask.reshape(-1, mask.shape[-1]).sum(-1)
-    expected = counts.cumsum(0) - counts
+def _check_row_offsets(offsets: torch.Tensor, row_counts: torch.Tensor) -> None:
+    expected = row_counts.cumsum(0) - row_counts
     if offsets.dtype.is_floating_point or offsets.numel() != expected.numel() or \
             not torch.equal(offsets.reshape(-1).to(torch.int64), expected):
         raise CompressedTensorError("its row_offsets disagree with the rows of its bitmask")
