@@ -146,8 +146,9 @@ def _saved(output: str, note: str = "") -> str:
             f"`sparseforge export --format dense {output} OUT` writes a plain checkpoint)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="sparseforge", description="Make transformer LMs sparse and measure it.")
+def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) -> argparse.ArgumentParser:
+    """Every subcommand's parser; ``parser_class`` is how a bad command line is reported (recipes raise instead)."""
+    parser = parser_class(prog="sparseforge", description="Make transformer LMs sparse and measure it.")
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -326,7 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="model directory (default: embedded SmolLM2-135M)")
     p.add_argument("--layers", action="store_true", help="list every layer")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON here")
+
+    p = sub.add_parser("run", help="run a recipe: prune, finetune, train, eval, bench-speed, export stages from one YAML file",
+                       description="Run the stages of a recipe in order, each stage's model the previous one's output, "
+                                   "every output and a combined report (report.json, report.md) in one directory. Every "
+                                   "stage's settings are checked before the first runs. See docs/recipes.md and recipes/.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--output", default=None, help="directory for the stages' outputs and the report (default: the recipe's output:)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="change a setting: STAGE.KEY=VALUE with STAGE a stage number or kind (every stage of that kind), "
+                        "defaults.KEY=VALUE, or model= / output= / seed=; e.g. --set finetune.steps=8 (repeatable)")
+    p.add_argument("--from-stage", type=integer(1), default=None, metavar="N",
+                   help="resume in --output: reuse the finished outputs of stages 1..N-1, run stage N onwards")
+    p.add_argument("--check", action="store_true", help="check every stage and print its command line; run nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of a previous run in --output")
     return parser
+
+
+def _only_checking(args) -> bool:
+    """True when a recipe is checking this stage: the command stops after the checks it runs before any slow work."""
+    return getattr(args, "check_only", False)
 
 
 def _check_paths(args, inputs: tuple = ()) -> None:
@@ -390,6 +410,8 @@ def cmd_prune(args) -> int:
     )
     _check_paths(args)
     check_prune_plan(args.model, config)
+    if _only_checking(args):
+        return 0
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     calibration = None
     if get_method(args.method).stats_kind is not None:
@@ -450,6 +472,8 @@ def cmd_finetune(args) -> int:
         from .preflight import check_prune_plan
 
         check_prune_plan(args.model, OneShotConfig(method=args.prune, pattern=pattern))
+    if _only_checking(args):
+        return 0
     model_dir = Path(args.model) if args.model else None
     previous = read_metadata(model_dir) if model_dir is not None and model_dir.is_dir() else {}
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -612,6 +636,8 @@ def cmd_train(args) -> int:
             raise ConfigError("--from-scratch builds a causal LM decoder: use --task lm")
         _scratch_config(args.from_scratch)  # a bad config fails before the slow steps
     _check_paths(args)
+    if _only_checking(args):
+        return 0
     splits, labels = None, None
     if args.task == "classify":
         from .train.labelled import classification_splits
@@ -720,6 +746,8 @@ def cmd_eval(args) -> int:
 
     _check_paths(args)
     zero_shot = _zero_shot_tasks(args)
+    if _only_checking(args):
+        return 0
     model, tokenizer = load_model(args.model, dtype=args.dtype, task="lm" if zero_shot else args.task)
     if not zero_shot and (getattr(model.config, "architectures", None)
                           and model.config.architectures[0].endswith("ForSequenceClassification") or args.task == "classify"):
@@ -769,6 +797,8 @@ def cmd_info(args) -> int:
     from .loading import load_model
 
     _check_paths(args)
+    if _only_checking(args):
+        return 0
     if args.model is not None:
         read_metadata(args.model)  # a clear error for a missing model
     model, _ = load_model(args.model)
@@ -812,6 +842,8 @@ def cmd_bench_speed(args) -> int:
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ConfigError("--warmup must be at least 0 and --threads at least 1")
     _check_paths(args)
+    if _only_checking(args):
+        return 0
     config = SpeedConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens, context=args.context,
                          batch_size=args.batch_size, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
     sources = args.model or [None]
@@ -835,6 +867,8 @@ def cmd_export(args) -> int:
     from .export import export_model
 
     _check_paths(args)
+    if _only_checking(args):
+        return 0
     started = time.perf_counter()
     export_model(args.model, args.output, args.format, overwrite=args.overwrite, dtype=args.dtype)
     plain = " (a plain checkpoint: vanilla transformers loads it unless it has compact layers)" \
@@ -843,8 +877,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .recipe import run_recipe
+
+    return run_recipe(args)
+
+
 COMMANDS = {"prune": cmd_prune, "finetune": cmd_finetune, "train": cmd_train, "eval": cmd_eval, "info": cmd_info,
-            "bench-speed": cmd_bench_speed, "export": cmd_export}
+            "bench-speed": cmd_bench_speed, "export": cmd_export, "run": cmd_run}
 
 
 class Terminated(KeyboardInterrupt):
