@@ -97,10 +97,20 @@ def topics_file(tmp_path_factory):
     return path
 
 
-def shrink(name: str, tiny_dir, tiny_bert_dir, topics_file) -> list[str]:
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A little training text: the whole wiki split takes longer to tokenize than the tiny run takes."""
+    from sparseforge.data import wiki_documents
+
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text("\n\n".join(wiki_documents("train")[:10]))
+    return path
+
+
+def shrink(name: str, tiny_dir, tiny_bert_dir, topics_file, text_file=None) -> list[str]:
     """--set overrides that run a shipped recipe on a tiny model in seconds."""
     lm = [f"model={tiny_dir}", "defaults.seq_len=16", "defaults.eval_windows=2"]
-    tune = ["finetune.steps=2", "finetune.batch_size=1", "finetune.mixed_precision=no"]
+    tune = ["finetune.steps=2", "finetune.batch_size=1", "finetune.mixed_precision=no", f"finetune.data={text_file}"]
     return {
         "sparsegpt-24-spp": lm + ["prune.n_calib=2"] + tune,
         "wanda-50-spp": lm + ["prune.n_calib=2"] + tune,
@@ -113,9 +123,9 @@ def shrink(name: str, tiny_dir, tiny_bert_dir, topics_file) -> list[str]:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_shipped_recipe_runs_on_a_tiny_model(capsys, tmp_path, tiny_dir, tiny_bert_dir, topics_file, path):
+def test_shipped_recipe_runs_on_a_tiny_model(capsys, tmp_path, tiny_dir, tiny_bert_dir, topics_file, text_file, path):
     out = tmp_path / "out"
-    sets = [word for s in shrink(path.stem, tiny_dir, tiny_bert_dir, topics_file) for word in ("--set", s)]
+    sets = [word for s in shrink(path.stem, tiny_dir, tiny_bert_dir, topics_file, text_file) for word in ("--set", s)]
     code, stdout, err = run(capsys, "run", path, "--output", out, *sets)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
@@ -125,7 +135,7 @@ def test_shipped_recipe_runs_on_a_tiny_model(capsys, tmp_path, tiny_dir, tiny_be
         if stage["output"]:
             assert (Path(stage["output"]) / "sparseforge.json").is_file()
     # each stage read the latest model an earlier stage made; bench-speed compares it with the recipe's input
-    root = load_recipe(path, shrink(path.stem, tiny_dir, tiny_bert_dir, topics_file)).model
+    root = load_recipe(path, shrink(path.stem, tiny_dir, tiny_bert_dir, topics_file, text_file)).model
     latest = root
     for stage in report["stages"]:
         assert stage["model"] == ([root, latest] if stage["kind"] == "bench-speed" else latest)
@@ -219,7 +229,7 @@ def test_an_existing_output_directory_needs_overwrite(capsys, tmp_path, tiny_dir
     out = tmp_path / "out"
     assert run(capsys, "run", recipe, "--output", out, "--set", f"model={tiny_dir}")[0] == 0
     code, _, err = run(capsys, "run", recipe, "--output", out, "--set", f"model={tiny_dir}")
-    assert code == 2 and "--overwrite" in error_line(err)
+    assert code == 2 and "--overwrite, or --from-stage N to resume" in error_line(err)
     (out / "notes.txt").write_text("mine")
     code, _, err = run(capsys, "run", recipe, "--output", out, "--set", f"model={tiny_dir}", "--overwrite",
                        "--set", "1.sparsity=0.25")

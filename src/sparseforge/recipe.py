@@ -403,7 +403,8 @@ def describe(stage: Stage) -> str:
                   "transpa": f"target {a.target_params:g}", "structured-l1": f"target {a.target_params:g}"}.get(a.method, "")
         return f"{a.method} ({a.task}{', ' + target if target else ''}), {a.steps} steps"
     if stage.kind == "eval":
-        return f"{a.task or 'perplexity'} on {a.data or 'the default data'}"
+        tasks = getattr(a, "tasks", None)  # lm-evaluation-harness tasks, where the command has them
+        return f"on {a.data or 'the default data'}" + (f", tasks {tasks}" if tasks else "")
     if stage.kind == "bench-speed":
         return f"{len(a.model or [None])} model(s), {a.prefill_tokens} prefill / {a.decode_tokens} decode tokens"
     if stage.kind == "export":
@@ -563,7 +564,12 @@ def run_recipe(args) -> int:
     if args.from_stage:
         previous = _check_resume(out, stages, from_stage)
     else:
-        check_output(out, args.overwrite, inputs=[recipe.model])
+        try:
+            check_output(out, args.overwrite, inputs=[recipe.model])
+        except ConfigError as e:
+            if (out / REPORT_JSON).is_file():  # an earlier run of a recipe: it may be this one, to resume
+                raise RecipeError(f"{e}, or --from-stage N to resume its run") from None
+            raise
     check(recipe, stages, from_stage)
     if args.check:
         for stage in stages:
