@@ -337,7 +337,9 @@ def test_key_numbers_of_each_stage_kind():
                                              "parameters": {"before": {"parameters": 2000}, "after": {"parameters": 1200}}}}) \
         == "accuracy 0.1000 → accuracy 0.5413; parameters 2,000 → 1,200"
     assert key_numbers("eval", {"perplexity": 24.333}) == "perplexity 24.33"
-    assert key_numbers("eval", {"perplexity": 20.0, "tasks": {"arc_easy": {"acc": 0.41}}}) == "perplexity 20.00; arc_easy 0.4100"
+    assert key_numbers("eval", {"perplexity": 20.0, "tasks": {"arc_easy": {"acc": 0.41}}}) == "perplexity 20.00; arc_easy acc 0.4100"
+    assert key_numbers("eval", {"tasks": {"sparseforge_wiki": {"acc": 0.45, "acc_stderr": 0.08, "acc_norm": 0.675}}}) \
+        == "sparseforge_wiki acc_norm 0.6750"
     assert key_numbers("bench-speed", {"models": [{"label": "d", "prefill_tokens_per_s": 100.4, "speedup_prefill": 1.0},
                                                   {"label": "s", "prefill_tokens_per_s": 202, "speedup_prefill": 2.012}]}) \
         == "d: prefill 100 tok/s (x1.00); s: prefill 202 tok/s (x2.01)"

@@ -446,12 +446,11 @@ def key_numbers(kind: str, result: dict | None) -> str:
         elif result.get("perplexity") is not None:
             parts.append(f"perplexity {result['perplexity']:.2f}")
         tasks = result.get("tasks")
-        if isinstance(tasks, dict):  # lm-evaluation-harness tasks: the first number each task reports
+        if isinstance(tasks, dict):  # lm-evaluation-harness tasks: acc_norm where the task has it, else acc
             for task, scores in tasks.items():
-                number = next((v for v in (scores.values() if isinstance(scores, dict) else [scores])
-                               if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
-                if number is not None:
-                    parts.append(f"{task} {number:.4f}")
+                metric = next((m for m in ("acc_norm", "acc") if isinstance(scores, dict) and scores.get(m) is not None), None)
+                if metric:
+                    parts.append(f"{task} {metric} {scores[metric]:.4f}")
         return "; ".join(parts) or "-"
     if kind == "bench-speed":
         return "; ".join(f"{e['label']}: prefill {e['prefill_tokens_per_s']:.0f} tok/s (x{e['speedup_prefill']:.2f})"
