@@ -212,3 +212,13 @@ def test_check_task_names_suggests_the_closest():
 def test_limit_without_tasks_and_bad_limit(capsys):
     assert "--limit counts the examples of --tasks" in run_error(capsys, ["eval", "--model", "/nonexistent", "--limit", "5"])
     assert "must be at least 1" in run_error(capsys, ["eval", "--tasks", TASK_NAME, "--limit", "0"])
+
+
+def test_tasks_on_an_encoder_say_tasks_need_a_language_model(capsys, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    line = run_error(capsys, ["eval", "--model", str(tmp_path / "bert"), "--tasks", TASK_NAME, "--limit", "2"])
+    assert "encoder with no causal language-model head" in line and "--tasks scores causal language models" in line
+    assert "load it with --task classify" not in line  # the loader's advice is for another command line

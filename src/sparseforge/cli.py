@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, SparseforgeError
+from .errors import ConfigError, NotALanguageModel, SparseforgeError
 from .export import SAVE_FORMATS
 from .methods import ONE_SHOT, RECOVERY, TRAIN_TIME, method_names, methods_help
 from .validate import OneLineParser, fraction, integer, positive, real
@@ -748,7 +748,14 @@ def cmd_eval(args) -> int:
     zero_shot = _zero_shot_tasks(args)
     if _only_checking(args):
         return 0
-    model, tokenizer = load_model(args.model, dtype=args.dtype, task="lm" if zero_shot else args.task)
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, task="lm" if zero_shot else args.task)
+    except NotALanguageModel as error:
+        if not zero_shot:
+            raise
+        reason = str(error).rpartition(":")[0]  # the loader's advice (--task classify) does not apply to --tasks
+        raise NotALanguageModel(f"{reason}: --tasks scores causal language models; evaluate this one without --tasks "
+                                "(accuracy with --task classify)") from None
     if not zero_shot and (getattr(model.config, "architectures", None)
                           and model.config.architectures[0].endswith("ForSequenceClassification") or args.task == "classify"):
         return _eval_classification(model, tokenizer, args)

@@ -24,6 +24,10 @@ class ModelError(SparseforgeError):
     """A model cannot be found, loaded or is of an unsupported architecture."""
 
 
+class NotALanguageModel(ModelError):
+    """The model has no causal language-model head (an encoder, or a saved classifier)."""
+
+
 class NumericalError(SparseforgeError, ArithmeticError):
     """Non-finite statistics or a factorisation that failed even with more dampening."""
 

@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from .assets import cache_dir, embedded_encoder_dir, embedded_model_gguf
-from .errors import ConfigError, ModelError, first_line
+from .errors import ConfigError, ModelError, NotALanguageModel, first_line
 from .export import METADATA_FILE
 from .models import adapter_class, get_adapter
 from .models.base import NEW_WEIGHTS_ATTR
@@ -254,10 +254,10 @@ def _model_class(config, task: str, name: str):
         adapter_class(model_type, archs[0] if archs else None)  # unsupported families fail before the load
         return AutoModelForSequenceClassification
     if _is_classifier(config):
-        raise ModelError(f"{name} holds a sequence classifier ({archs[0]}), not a language model: load it with --task classify")
+        raise NotALanguageModel(f"{name} holds a sequence classifier ({archs[0]}), not a language model: load it with --task classify")
     adapter = adapter_class(model_type, archs[0] if archs else None)
     if not adapter.causal or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ModelError(f"{name} is a {model_type} encoder with no causal language-model head: load it with --task classify")
+        raise NotALanguageModel(f"{name} is a {model_type} encoder with no causal language-model head: load it with --task classify")
     return AutoModelForCausalLM
 
 
