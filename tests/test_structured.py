@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from sparseforge.errors import ConfigError
+from sparseforge.eval.speed import cache_argument, returned_cache
 from sparseforge.structured import (
     CompactAttention,
     CoupledFisher,
@@ -491,10 +492,10 @@ def test_kv_cache_decoding_equals_the_full_forward_on_the_free_layout(name):
     with torch.no_grad():
         out = model(x[:, :5], use_cache=True)
         steps = [out.logits[:, -1]]
-        cache = out.past_key_values
+        cache = returned_cache(out)
         for t in range(5, 8):
-            out = model(x[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(x[:, t:t + 1], use_cache=True, **{cache_argument(model): cache})
+            cache = returned_cache(out)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 4:7], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(steps[-1], full[:, 7], atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sparseforge.errors import ConfigError
+from sparseforge.eval.speed import cache_argument, returned_cache
 from sparseforge.structured import (
     CompactAttention,
     apply_plan,
@@ -50,7 +51,7 @@ def test_chunked_prefill_after_a_cache_equals_the_full_forward():
     full = logits(model, x)
     with torch.no_grad():
         first = model(x[:, :4], use_cache=True)
-        second = model(x[:, 4:], past_key_values=first.past_key_values, use_cache=True)
+        second = model(x[:, 4:], use_cache=True, **{cache_argument(model): returned_cache(first)})
     torch.testing.assert_close(second.logits, full[:, 4:], atol=1e-5, rtol=1e-5)
 
 

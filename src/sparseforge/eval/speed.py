@@ -77,7 +77,18 @@ def is_causal_lm(model: nn.Module) -> bool:
     head = name.endswith(("ForCausalLM", "LMHeadModel"))
     if name.startswith(("Bert", "Roberta", "XLMRoberta", "Electra")) and not getattr(config, "is_decoder", False):
         head = False  # BertLMHeadModel is only causal with is_decoder=True
-    return (head or bool(getattr(config, "is_decoder", False))) and "past_key_values" in _forward_params(model)
+    return (head or bool(getattr(config, "is_decoder", False))) and cache_argument(model) is not None
+
+
+def cache_argument(model: nn.Module) -> str | None:
+    """The forward's KV-cache argument: ``cache`` since transformers 5.25, ``past_key_values`` before."""
+    params = _forward_params(model)
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def vocab_size(model: nn.Module) -> int:
@@ -149,20 +160,21 @@ def greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) ->
 
     Returns the greedy tokens, ``(batch, new_tokens + 1)`` (the prefill's prediction, then one per
     step), and the seconds of the steps. A hand loop rather than ``generate()``: it needs only a
-    forward taking ``past_key_values``, so it runs on models whose modules were replaced.
+    forward taking a KV cache, so it runs on models whose modules were replaced.
     """
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    argument = cache_argument(model) or "past_key_values"
     with torch.no_grad():
         out = model(input_ids=input_ids, use_cache=True, **kwargs)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         if cache is None:
-            raise ModelError(f"{type(model).__name__} returned no past_key_values with use_cache=True: decode speed needs a KV cache")
+            raise ModelError(f"{type(model).__name__} returned no KV cache with use_cache=True: decode speed needs one")
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         tokens = [token]
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, use_cache=True, **{argument: cache})
+            cache = returned_cache(out)
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             tokens.append(token)
         seconds = time.perf_counter() - start

@@ -266,7 +266,10 @@ class CompactAttention(nn.Module):
         return x * cos + (x.index_select(-1, partner) * sign.to(x.dtype)) * sin
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs) -> tuple[torch.Tensor, None]:
+                attention_mask: torch.Tensor | None = None, past_key_values=None, cache=None,
+                **kwargs) -> tuple[torch.Tensor, None]:
+        # transformers 5.25 renamed the layer's cache argument from past_key_values to cache: take either
+        past_key_values = cache if cache is not None else past_key_values
         lay = self.layout
         batch, length = hidden_states.shape[:2]
         if "qkv" in self.roles:
