@@ -257,6 +257,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                    help="transpa / structured-l1: share K of the couples each round selects (default 0.3)")
     p.add_argument("--theta", type=fraction("0.9"), default=0.9,
                    help="transpa / structured-l1: unit mass a selected couple keeps (default 0.9)")
+    p.add_argument("--unit-score", default=None, choices=["activation", "l1"],
+                   help="transpa: how a selected couple's units are ranked for the θ rule; activation = their measured "
+                        "contribution on the round's batches (default), l1 = the paper's coupled L1 product "
+                        "(structured-l1 always uses its own L1 norms)")
     p.add_argument("--layout", default="uniform", choices=["uniform", "free"],
                    help="transpa / structured-l1: uniform = same sizes in every layer, a plain HF checkpoint (default); "
                         "free = per-layer sizes, loads with sparseforge.load_model")
@@ -601,7 +605,7 @@ def _method_options(args) -> dict:
     if family == "transpa":
         return dict(method=args.method, target_params=args.target_params,
                     round_steps=args.round_steps or max(1, args.steps // 10), fraction=args.fraction, theta=args.theta,
-                    layout=args.layout)
+                    layout=args.layout, unit_score=args.unit_score)
     return dict(method=args.method, keep=args.keep, rank_ratio=args.rank_ratio, beta1=args.beta1, beta2=args.beta2,
                 initial_steps=args.initial_steps, final_steps=args.final_steps, interval=args.mask_interval,
                 pruned_rows=args.pruned_rows)

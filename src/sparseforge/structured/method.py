@@ -8,7 +8,10 @@ to the target (``clamp_plan``), removes the units physically from the model AND 
 moments (``apply_plan``), and starts a new Fisher round. Once the target is reached, the
 model keeps training at that size.
 
-- ``transpa``: units scored by the coupled L1 product ``‖W1[:, i]‖₁ · ‖W2[i, :]‖₁``.
+- ``transpa``: units scored, by default, by their measured contribution (``--unit-score
+  activation``: the consuming matrix's column norms times the RMS of the unit's activation
+  over the round's batches, see ``activations.py``), or by the paper's coupled L1 product
+  ``‖W1[:, i]‖₁ · ‖W2[i, :]‖₁`` (``--unit-score l1``).
 - ``structured-l1``: the uncoupled ablation, each matrix's rows / columns by their own L1
   norm; same Fisher selection, same rounds and target, so the same parameter trajectory
   up to one removal per round.
@@ -33,6 +36,7 @@ import torch
 from ..errors import ConfigError
 from ..models import get_adapter
 from ..train.trainer import Callback
+from .activations import ActivationStats
 from .couples import block_attention, compact_capable, ffn_couple
 from .importance import CoupledFisher
 from .plain_config import allowed_group_counts, config_keys
@@ -42,7 +46,8 @@ from .surgery import apply_plan, uniform_config
 log = logging.getLogger(__name__)
 
 VARIANTS = ("transpa", "structured-l1")
-UNIT_SCORER = {"transpa": "coupled-l1", "structured-l1": "structured-l1"}
+UNIT_SCORES = ("activation", "l1")
+DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1"}
 
 
 def _finite(x) -> bool:
@@ -59,10 +64,19 @@ class TranSpaConfig:
     fraction: float = 0.3
     theta: float = 0.9
     layout: str = "uniform"
+    unit_score: str | None = None  # None: the variant's default (DEFAULT_UNIT_SCORE)
 
     def __post_init__(self):
         if self.method not in VARIANTS:
             raise ConfigError(f"TranSpa variant '{self.method}' unknown: choose from {', '.join(VARIANTS)}")
+        if self.unit_score is None:
+            self.unit_score = DEFAULT_UNIT_SCORE[self.method]
+        if self.unit_score not in UNIT_SCORES:
+            raise ConfigError(f"--unit-score '{self.unit_score}' unknown: choose activation (measured contribution) "
+                              "or l1 (the paper's coupled L1 product)")
+        if self.method == "structured-l1" and self.unit_score != "l1":
+            raise ConfigError("structured-l1 scores each matrix's rows / columns by their own L1 norms (its "
+                              "definition): drop --unit-score, or use --method transpa")
         if not (_finite(self.target_params) and 0 < self.target_params < 1):
             raise ConfigError(f"--target-params {self.target_params} must be in (0, 1): the fraction of the model's "
                               "parameters (embeddings included) to reach, e.g. 0.7")
@@ -130,6 +144,7 @@ class StructuredRounds(Callback):
         self.target = target
         self.fraction = fraction
         self.fisher = CoupledFisher()
+        self.stats = ActivationStats() if config.unit_score == "activation" else None
         self.carry: dict[str, float] = {}
         self.plans: list[dict] = []  # every applied plan, in order (replayed on resume)
         self.trajectory: list[dict] = []  # {"step", "parameters"} at the start and after each round that removed units
@@ -139,9 +154,27 @@ class StructuredRounds(Callback):
     def _model(trainer):
         return trainer.accelerator.unwrap_model(trainer.model)
 
+    def _unit_scorer(self):
+        if self.config.method == "structured-l1":
+            return "structured-l1"
+        return self.stats.unit_scores if self.stats is not None else "coupled-l1"
+
+    def _watch(self, model) -> None:
+        """(Re)hook the activation statistics on the model's current layers while rounds remain."""
+        if self.stats is not None:
+            self.stats.detach()
+            if count_parameters(model) > self.target:
+                self.stats.attach(model)
+
     def on_train_begin(self, trainer) -> None:
+        model = self._model(trainer)
         if not self.trajectory:
-            self.trajectory.append({"step": trainer.step, "parameters": count_parameters(self._model(trainer))})
+            self.trajectory.append({"step": trainer.step, "parameters": count_parameters(model)})
+        self._watch(model)
+
+    def on_train_end(self, trainer) -> None:
+        if self.stats is not None:
+            self.stats.detach()
 
     def on_gradients(self, trainer) -> None:
         model = self._model(trainer)
@@ -157,7 +190,7 @@ class StructuredRounds(Callback):
         if current <= self.target or not self.fisher.batches:
             return
         plan, self.carry = plan_round(model, self.fisher.scores(), layout=self.config.layout, fraction=self.fraction,
-                                      theta=self.config.theta, unit_scorer=UNIT_SCORER[self.config.method],
+                                      theta=self.config.theta, unit_scorer=self._unit_scorer(),
                                       carry=self.carry)
         if self.ffn_only:  # a plain checkpoint of this family cannot drop heads: FFN units only
             plan = RemovalPlan([i for i in plan.items if all(_is_ffn(n) for n in i.units)], plan.layout)
@@ -165,11 +198,14 @@ class StructuredRounds(Callback):
         plan = clamp_plan(model, plan, current - self.target)
         self.rounds += 1
         self.fisher.reset()  # a new round begins, whether or not this one removed anything
+        if self.stats is not None:
+            self.stats.reset()
         if not plan.items:  # the uniform layout may carry a round's removals over to the next
             log.info("%s round %d at step %d: nothing removed yet (carried over: %s)", self.config.method, self.rounds,
                      trainer.step, {k: round(v, 1) for k, v in self.carry.items()})
             return
         apply_plan(model, plan, trainer.optimizer, self.config.layout)
+        self._watch(model)  # the hooked layers may have been replaced (compact attention) or be done
         self.plans.append(plan.to_dict())
         after = count_parameters(model)
         self.trajectory.append({"step": trainer.step, "parameters": after})
@@ -191,7 +227,8 @@ class StructuredRounds(Callback):
 
     def state_dict(self) -> dict:
         return {"fisher": self.fisher.state_dict(), "carry": dict(self.carry), "plans": list(self.plans),
-                "trajectory": list(self.trajectory), "rounds": self.rounds}
+                "trajectory": list(self.trajectory), "rounds": self.rounds,
+                "activations": self.stats.state_dict() if self.stats is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.fisher.load_state_dict(state["fisher"])
@@ -199,6 +236,8 @@ class StructuredRounds(Callback):
         self.plans = list(state["plans"])
         self.trajectory = list(state["trajectory"])
         self.rounds = int(state["rounds"])
+        if self.stats is not None and state.get("activations") is not None:
+            self.stats.load_state_dict(state["activations"])
 
 
 class TranSpaMethod:
@@ -284,8 +323,8 @@ class TranSpaMethod:
                                                                                        config.theta),
                      "fraction_used": fraction, "fraction_adapted": adapted is not None, "ffn_only": ffn_only}
         log.info("%s: %d parameters (%d in the blocks) -> target %d, a round every %d steps (%d rounds available), "
-                 "K %.2f θ %.2f, %s layout", config.method, total, block, target, config.round_steps, rounds, fraction,
-                 config.theta, config.layout)
+                 "K %.2f θ %.2f, %s layout, units scored by %s", config.method, total, block, target, config.round_steps,
+                 rounds, fraction, config.theta, config.layout, config.unit_score)
         return dict(self.info)
 
     def callbacks(self) -> list[Callback]:
