@@ -62,6 +62,8 @@ OUT = WORK / "transpa"
 # length is chosen so that the estimated rounds (evenly spread unit masses) reach the target by reach_by of
 # the steps, then training continues at the final size; K is raised only if even one-step rounds cannot.
 ROUNDS = {"fraction": 0.3, "theta": 0.9, "reach_by": 0.6}
+#: TranSpa's unit score (the library's default); a stored TranSpa run scored otherwise is stale
+UNIT_SCORE = "activation"
 
 #: the scratch model; 8 heads of 32 dims, 2 query heads per KV group
 SCRATCH_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -419,11 +421,32 @@ def speed_worker() -> None:
 # ---------------------------------------------------------------- stored runs
 
 
-def stored_run(run: Run) -> dict | None:
-    """The stored result of ``run`` if its settings (and what it was derived from) are still the current ones."""
-    if not run.path.exists():
+def unit_score(result: dict) -> str:
+    """How a stored TranSpa run scored units (runs from before the choice existed used the coupled L1 product)."""
+    return result.get("method_report", {}).get("config", {}).get("unit_score") or "l1"
+
+
+def kept_in_docs(run: Run) -> dict | None:
+    """``run`` as docs/results_transpa.json keeps it (final numbers, every 10th step): benchmarks/work/ is not
+    kept from one machine to the next, the docs are."""
+    path = ROOT / "docs" / "results_transpa.json"
+    if SMOKE or not path.exists():
         return None
-    result = json.loads(run.path.read_text())
+    result = json.loads(path.read_text()).get(run.suite, {}).get("runs", {}).get(run.name)
+    if result is not None:
+        result["run"]["history_every"] = 10
+    return result
+
+
+def stored_run(run: Run) -> dict | None:
+    """The stored result of ``run`` if its settings (and what it was derived from) are still the current ones:
+    its JSON under benchmarks/work/, else the copy the docs keep."""
+    in_work = run.path.exists()
+    result = json.loads(run.path.read_text()) if in_work else kept_in_docs(run)
+    if result is None:
+        return None
+    if run.method == "transpa" and unit_score(result) != UNIT_SCORE:
+        return None
     if result.get("settings") != settings(run.suite):
         return None
     if run.suite == "scratch":
@@ -436,7 +459,7 @@ def stored_run(run: Run) -> dict | None:
             if transpa and (not made_from or result["small_dense"]["wanted_blocks"]
                             != transpa["method_report"]["final_parameters"]["blocks"]):
                 return None
-    if run.suite == "smol" and run in saved_for_speed() and not run.model_dir.exists():
+    if run.suite == "smol" and run in saved_for_speed() and in_work and not run.model_dir.exists():
         return None
     return result
 
@@ -456,8 +479,13 @@ def stored_speed() -> dict | None:
 
 
 def stored_encoder_dense() -> tuple[dict | None, str]:
-    """benchmarks/losparse.py's dense MiniLM fine-tuning, if its settings are ours."""
+    """benchmarks/losparse.py's dense MiniLM fine-tuning, if its settings are ours (its JSON, else the docs' copy)."""
     path = WORK / "losparse" / "encoder-dense.json"
+    kept = ROOT / "docs" / "results_losparse.json"
+    if not path.exists() and kept.exists():
+        result = json.loads(kept.read_text()).get("encoder", {}).get("runs", {}).get("encoder-dense")
+        if result is not None and result.get("settings") == {k: settings("encoder")[k] for k in ENCODER_TRAIN}:
+            return result, f"Dense fine-tuning: {kept.relative_to(ROOT)} (benchmarks/losparse.py, same settings)"
     if not path.exists():
         return None, f"Dense fine-tuning: none stored ({path.relative_to(ROOT)}); run benchmarks/losparse.py --suite encoder"
     result = json.loads(path.read_text())
@@ -740,7 +768,9 @@ def plot_smol(runs: dict[Run, dict], path: Path) -> None:
 def _trimmed(result: dict) -> dict:
     """Histories are long: the JSON keeps the final numbers and every 10th step's record."""
     result = json.loads(json.dumps(result))
-    result["run"]["history"] = result["run"]["history"][::10]
+    if not result["run"].get("history_every"):  # a run restored from the docs is trimmed already
+        result["run"]["history"] = result["run"]["history"][::10]
+        result["run"]["history_every"] = 10
     return result
 
 
@@ -772,6 +802,9 @@ def build_docs() -> None:
     if not sections:
         return
     body = ("## TranSpa vs structured-l1: structured sparse training (`benchmarks/transpa.py`)\n\n"
+            f"TranSpa ranks a selected couple's units by `--unit-score {UNIT_SCORE}` (the default: each unit's "
+            "measured contribution on the round's batches; docs/transpa.md says why); structured-l1 by each "
+            "matrix's own row / column L1 norms. Both select couples by coupled Fisher, on the same rounds.\n\n"
             + "\n\n".join(sections)
             + ("\n\nPlots: " + ", ".join(f"[{p}]({p})" for p in plots) + "." if plots else ""))
     if SMOKE:
@@ -806,10 +839,10 @@ def run_suite(suite: str, fresh: bool, only: list[str] | None = None) -> None:
     if suite == "speed":
         if not fresh and stored_speed():
             return
-        missing = [r.name for r in saved_for_speed() if stored_run(r) is None]
+        missing = [r.name for r in saved_for_speed() if stored_run(r) is None or not r.model_dir.exists()]
         if missing:
-            print(f"speed: skipped, the models of {', '.join(missing)} are not stored yet: run --suite smol first",
-                  flush=True)
+            print(f"speed: skipped, the models of {', '.join(missing)} are not stored yet: run --suite smol first "
+                  "(--fresh --run NAME for a run the docs keep without its model)", flush=True)
             return
         print("speed", flush=True)
         started = time.perf_counter()

@@ -9,12 +9,13 @@ product up to 1 - θ of the couple's mass (θ = 0.9), and the uniform layout rem
 KV groups. This measures the held-out perplexity right after such removals (no training),
 for both unit scores (``l1``: the paper's coupled L1 product; ``activation``: the measured
 contribution, statistics from --calib training windows): the θ-rule units of every couple
-of one kind (QK, VO, FFN) in every layer; the FFN θ-rule units of one layer at a time (the
-layers that hurt most); and whole KV group g in every layer (the uniform layout's step).
+of one kind (QK, VO, FFN) in every layer; with --per-layer, the FFN θ-rule units of one
+layer at a time (the layers that hurt most); and whole KV group g in every layer (the
+uniform layout's step).
 A removal the method treats as "10% of the mass" that multiplies perplexity shows where a
 unit score misleads on a pretrained model.
 
-Results: printed, and benchmarks/work/transpa_damage.json.
+Results: printed, and benchmarks/work/transpa_damage.json (docs/transpa.md quotes them).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--theta", type=float, default=0.9)
     parser.add_argument("--calib", type=int, default=8, help="training windows for the activation statistics (default 8)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="also each layer's FFN θ-rule units alone (60 more evaluations, ~15 min)")
     args = parser.parse_args()
 
     import torch
@@ -78,9 +81,10 @@ def main() -> None:
             result["kinds"][score][kind] = {"units_removed": sum(map(len, units.values())), "units": total,
                                             "perplexity": ppl_without(units)}
             print(score, kind, result["kinds"][score][kind], flush=True)
-        result["ffn_layers"][score] = [
-            {"couple": c.name, "units_removed": len(theta_units[score][c.name]),
-             "perplexity": ppl_without({c.name: theta_units[score][c.name]})} for c in couples if c.kind == "ffn"]
+        if args.per_layer:
+            result["ffn_layers"][score] = [
+                {"couple": c.name, "units_removed": len(theta_units[score][c.name]),
+                 "perplexity": ppl_without({c.name: theta_units[score][c.name]})} for c in couples if c.kind == "ffn"]
     groups = sorted({c.group for c in couples if c.kind == "vo"})
     for g in groups:
         units = {c.name: list(range(c.units)) for c in couples if c.group == g and c.kind in ("qk", "vo")}
@@ -92,7 +96,7 @@ def main() -> None:
     for score, kinds in result["kinds"].items():
         for kind, r in kinds.items():
             print(f"  {score:10s} {kind:4s} {r['units_removed']:6d} of {r['units']:6d} units -> {r['perplexity']}")
-    for score, layers in result["ffn_layers"].items():
+    for score, layers in result["ffn_layers"].items():  # empty without --per-layer
         worst = sorted(layers, key=lambda r: -r["perplexity"])[:5]
         print(f"FFN θ-rule units ({score}) of one layer alone, the five worst:")
         for r in worst:
