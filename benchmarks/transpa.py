@@ -105,7 +105,8 @@ SMOKE_SETTINGS = {
 
 TARGETS = {"scratch_dense_gap": 0.05, "speed_prefill": 1.4, "speed_decode": 1.2}
 SUITES = ("scratch", "smol", "speed", "encoder")
-LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size"}
+LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size",
+          "transpa-l1": "TranSpa, the paper's L1 unit score"}
 
 
 def settings(suite: str) -> dict:
@@ -154,7 +155,7 @@ def planned(suite: str) -> list[Run]:
         return [Run("scratch", m) for m in ("dense", "transpa", "structured-l1", "small-dense")]
     if suite == "smol":
         return [Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
-                for m in ("transpa", "structured-l1")]
+                for m in ("transpa", "structured-l1")] + [Run("smol", "transpa-l1", 0.7, "uniform")]
     if suite == "encoder":
         return [Run("encoder", m, settings("encoder")["target"], "free") for m in ("transpa", "structured-l1")]
     return []
@@ -341,8 +342,11 @@ def smol_worker(run: Run) -> dict:
     s = settings("smol")
     model, tokenizer = load_model(None)
     options = {**round_schedule(model, run.target, s), "layout": run.layout}
+    method = run.method
+    if method == "transpa-l1":  # the ablation of the unit score: the paper's coupled L1 product
+        method, options = "transpa", {**options, "unit_score": "l1"}
     # no evaluation during training: the reported perplexity is the one-shot tables' protocol, after training
-    report = train(model, tokenizer, method=run.method, task="lm", data="wiki", seq_len=s["seq_len"], evaluate=False,
+    report = train(model, tokenizer, method=method, task="lm", data="wiki", seq_len=s["seq_len"], evaluate=False,
                    method_options=options, progress=False, **train_options(s))
     report.run["metrics_after_512"] = evaluate(model, tokenizer, data="wiki", seq_len=s["eval_seq_len"],
                                                max_windows=s["eval_windows"], progress=False)
@@ -445,7 +449,7 @@ def stored_run(run: Run) -> dict | None:
     result = json.loads(run.path.read_text()) if in_work else kept_in_docs(run)
     if result is None:
         return None
-    if run.method == "transpa" and unit_score(result) != UNIT_SCORE:
+    if run.method in ("transpa", "transpa-l1") and unit_score(result) != ("l1" if run.method == "transpa-l1" else UNIT_SCORE):
         return None
     if result.get("settings") != settings(run.suite):
         return None
@@ -746,7 +750,7 @@ def plot_scratch(runs: dict[Run, dict], path: Path) -> None:
 def plot_smol(runs: dict[Run, dict], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("transpa", "structured-l1"):
+    for method in ("transpa", "structured-l1", "transpa-l1"):
         for layout, marker in (("uniform", "o"), ("free", "s")):
             points = sorted((r["method_report"]["final_parameters"]["total"] / 1e6, r["run"]["metrics_after_512"]["perplexity"])
                             for run, r in runs.items() if run.method == method and run.layout == layout)
