@@ -266,6 +266,8 @@ def scratch_config(tmp_path, **extra):
     (["--theta", "1"], "--theta: 1 is outside (0, 1)"),
     (["--from-scratch", "BERT"], "bert"),
     (["--from-scratch", "missing-preset"], "neither a JSON config file nor a preset"),
+    (["--unit-score", "fisher"], "--unit-score: invalid choice"),
+    (["--method", "structured-l1", "--unit-score", "activation"], "structured-l1 scores each matrix"),
 ])
 def test_cli_bad_transpa_inputs(capsys, tmp_path, argv, fragment):
     if "BERT" in argv:
