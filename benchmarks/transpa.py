@@ -485,15 +485,14 @@ def stored_speed() -> dict | None:
 def stored_encoder_dense() -> tuple[dict | None, str]:
     """benchmarks/losparse.py's dense MiniLM fine-tuning, if its settings are ours (its JSON, else the docs' copy)."""
     path = WORK / "losparse" / "encoder-dense.json"
-    kept = ROOT / "docs" / "results_losparse.json"
-    if not path.exists() and kept.exists():
-        result = json.loads(kept.read_text()).get("encoder", {}).get("runs", {}).get("encoder-dense")
-        if result is not None and result.get("settings") == {k: settings("encoder")[k] for k in ENCODER_TRAIN}:
-            return result, f"Dense fine-tuning: {kept.relative_to(ROOT)} (benchmarks/losparse.py, same settings)"
+    mine = {k: settings("encoder")[k] for k in ENCODER_TRAIN}
     if not path.exists():
+        kept = ROOT / "docs" / "results_losparse.json"
+        result = json.loads(kept.read_text()).get("encoder", {}).get("runs", {}).get("encoder-dense") if kept.exists() else None
+        if result is not None and result.get("settings") == mine:
+            return result, f"Dense fine-tuning: {kept.relative_to(ROOT)} (benchmarks/losparse.py, same settings)"
         return None, f"Dense fine-tuning: none stored ({path.relative_to(ROOT)}); run benchmarks/losparse.py --suite encoder"
     result = json.loads(path.read_text())
-    mine = {k: settings("encoder")[k] for k in ENCODER_TRAIN}
     if result.get("settings") != mine:
         differ = ", ".join(f"{k} {result.get('settings', {}).get(k)} vs {v}" for k, v in mine.items()
                            if result.get("settings", {}).get(k) != v)

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models import get_weight
 from .couples import Couple, build_couples
+from .importance import normalised
 
 INPUT, OUTPUT = "in", "out"
 
@@ -112,8 +113,7 @@ class ActivationStats:
             q = q.reshape(couple.units, -1, k).sum(2).sqrt().sum(1)
             kk = self.mean_square(partner.layer, OUTPUT)[partner.index].sum(1).sqrt()
             v = q * kk
-        total = v.sum()
-        return v / total if total > 0 else torch.full_like(v, 1.0 / max(couple.units, 1))
+        return normalised(v)
 
     def state_dict(self) -> dict:
         return {"sums": {k: v.clone() for k, v in self.sums.items()}, "rows": dict(self.rows)}

@@ -143,7 +143,8 @@ def _side_l1(model: nn.Module, couple: Couple, sides: Iterable[int]) -> list[tor
             for side in sides]
 
 
-def _normalised(v: torch.Tensor) -> torch.Tensor:
+def normalised(v: torch.Tensor) -> torch.Tensor:
+    """Unit scores that sum to 1; uniform if every score is 0."""
     total = v.sum()
     return v / total if total > 0 else torch.full_like(v, 1.0 / max(len(v), 1))
 
@@ -152,14 +153,14 @@ def _normalised(v: torch.Tensor) -> torch.Tensor:
 def unit_scores(model: nn.Module, couple: Couple) -> torch.Tensor:
     """Coupled L1 score of each unit (float64, sums to 1; uniform if every product is 0)."""
     side0, side1 = _side_l1(model, couple, (0, 1))
-    return _normalised(side0 * side1)
+    return normalised(side0 * side1)
 
 
 @torch.no_grad()
 def structured_l1_scores(model: nn.Module, couple: Couple) -> torch.Tensor:
     """Uncoupled baseline: each unit scored by the L1 norm of its side-0 slices only, normalised."""
     (side0,) = _side_l1(model, couple, (0,))
-    return _normalised(side0)
+    return normalised(side0)
 
 
 UNIT_SCORERS = {"coupled-l1": unit_scores, "structured-l1": structured_l1_scores}
