@@ -59,3 +59,13 @@ def tiny_dir(tmp_path_factory, smol_dir):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: a run that chose bf16 autocast (``--mixed-precision auto`` on a
+    CPU with native bf16) would leave it to a later test's ``Accelerator(cpu=True)``. Every test starts afresh."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
