@@ -181,21 +181,23 @@ def test_loading_a_free_layout_model_materialises_no_full_size_parameter(tmp_pat
     assert 0.01 < float(heads[0].std()) < 0.04  # initializer_range 0.02
 
 
-def test_structured_l1_follows_the_same_rounds():
+@pytest.mark.parametrize("ablation", ["structured-l1", "tsvd"])
+def test_the_ablations_follow_the_same_rounds(ablation):
     _, coupled, info, *_ = run("transpa")
-    _, uncoupled, info_l1, *_ = run("structured-l1")
-    assert info["parameters"] == info_l1["parameters"]
-    assert [t["step"] for t in coupled["trajectory"]] == [t["step"] for t in uncoupled["trajectory"]]
-    assert uncoupled["reached_target"] and coupled["rounds"] == uncoupled["rounds"]
-    assert "structured-l1" in method_names("train-time") and "transpa" in method_names("train-time")
+    _, other, info_other, *_ = run(ablation)
+    assert info["parameters"] == info_other["parameters"]
+    assert [t["step"] for t in coupled["trajectory"]] == [t["step"] for t in other["trajectory"]]
+    assert other["reached_target"] and coupled["rounds"] == other["rounds"]
+    assert {ablation, "transpa"} <= set(method_names("train-time"))
 
 
-@pytest.mark.parametrize("layout", ["free", "uniform"])
-def test_resume_across_a_shrink_is_bit_identical(layout, tmp_path):
-    straight, report, *_ = run(layout=layout, checkpoint_dir=str(tmp_path / "a"))
+@pytest.mark.parametrize("layout, method", [("free", "transpa"), ("uniform", "transpa"), ("free", "tsvd")])
+def test_resume_across_a_shrink_is_bit_identical(layout, method, tmp_path):
+    straight, report, *_ = run(method, layout=layout, checkpoint_dir=str(tmp_path / "a"))
     with pytest.raises(KeyboardInterrupt):  # checkpoint at step 3 (after the round at step 2), killed at step 5
-        run(layout=layout, checkpoint_dir=str(tmp_path / "b"), stop_at=5)
-    resumed, resumed_report, _, trainer, _ = run(layout=layout, checkpoint_dir=str(tmp_path / "b"), resume=True, seed=1)
+        run(method, layout=layout, checkpoint_dir=str(tmp_path / "b"), stop_at=5)
+    resumed, resumed_report, _, trainer, _ = run(method, layout=layout, checkpoint_dir=str(tmp_path / "b"), resume=True,
+                                                 seed=1)
     assert trainer.step == STEPS and resumed_report["trajectory"] == report["trajectory"]
     expected, got = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
@@ -268,6 +270,7 @@ def scratch_config(tmp_path, **extra):
     (["--from-scratch", "missing-preset"], "neither a JSON config file nor a preset"),
     (["--unit-score", "fisher"], "--unit-score: invalid choice"),
     (["--method", "structured-l1", "--unit-score", "activation"], "structured-l1 scores each matrix"),
+    (["--method", "tsvd", "--unit-score", "l1"], "tsvd scores the singular values of each coupled product"),
 ])
 def test_cli_bad_transpa_inputs(capsys, tmp_path, argv, fragment):
     if "BERT" in argv:
@@ -297,18 +300,19 @@ def test_cli_refuses_the_encoder_target_its_uniform_layout_cannot_reach(capsys, 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Two tiny llamas trained from scratch by the CLI: uniform (plain HF) and free (structure manifest)."""
+    """Tiny llamas trained from scratch by the CLI: uniform (plain HF), free (structure manifest), and the tSVD
+    ablation's free layout."""
     root = tmp_path_factory.mktemp("transpa-cli")
     text = root / "text.txt"
     text.write_text(" ".join(f"word{i % 97} and more text number {i}." for i in range(400)))
     config = scratch_config(root)
     outs = {}
-    for layout in ("uniform", "free"):
-        outs[layout] = root / layout
-        code = main(["train", "--method", "transpa", "--from-scratch", str(config), "--data", str(text), "--no-eval",
+    for name, method, layout in (("uniform", "transpa", "uniform"), ("free", "transpa", "free"), ("tsvd", "tsvd", "free")):
+        outs[name] = root / name
+        code = main(["train", "--method", method, "--from-scratch", str(config), "--data", str(text), "--no-eval",
                      "--steps", "6", "--round-steps", "2", "--target-params", "0.985", "--fraction", "0.5", "--theta", "0.5",
                      "--layout", layout, "--seq-len", "32", "--batch-size", "2", "--keep", "0.3",
-                     "--output", str(outs[layout]), "--json", str(root / f"{layout}.json")])
+                     "--output", str(outs[name]), "--json", str(root / f"{name}.json")])
         assert code == 0
     return outs, root
 
@@ -317,8 +321,9 @@ def test_cli_transpa_from_scratch_outputs_load(trained):
     from sparseforge.loading import load_model
 
     outs, root = trained
-    for layout, path in outs.items():
-        report = json.loads((root / f"{layout}.json").read_text())["train"]["method_report"]
+    for name, path in outs.items():
+        report = json.loads((root / f"{name}.json").read_text())["train"]["method_report"]
+        layout = "uniform" if name == "uniform" else "free"
         assert report["reached_target"] and report["layout"] == layout
         meta = json.loads((path / "sparseforge.json").read_text())
         if layout == "uniform":

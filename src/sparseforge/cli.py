@@ -249,20 +249,20 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                    help="stay: a pruned row never returns (default); train: the reference's (zeroed at each masking, "
                         "trained in between)")
     p.add_argument("--target-params", type=fraction("0.7"), default=0.7,
-                   help="transpa / structured-l1: fraction of ALL the model's parameters (embeddings included) to "
+                   help="transpa / structured-l1 / tsvd: fraction of ALL the model's parameters (embeddings included) to "
                         "reach (default 0.7)")
     p.add_argument("--round-steps", type=integer(1), default=None,
-                   help="transpa / structured-l1: steps per removal round (default: a tenth of --steps)")
+                   help="transpa / structured-l1 / tsvd: steps per removal round (default: a tenth of --steps)")
     p.add_argument("--fraction", type=fraction("0.3"), default=0.3,
-                   help="transpa / structured-l1: share K of the couples each round selects (default 0.3)")
+                   help="transpa / structured-l1 / tsvd: share K of the couples each round selects (default 0.3)")
     p.add_argument("--theta", type=fraction("0.9"), default=0.9,
-                   help="transpa / structured-l1: unit mass a selected couple keeps (default 0.9)")
+                   help="transpa / structured-l1 / tsvd: unit mass a selected couple keeps (default 0.9)")
     p.add_argument("--unit-score", default=None, choices=["activation", "l1"],
                    help="transpa: how a selected couple's units are ranked for the θ rule; activation = their measured "
                         "contribution on the round's batches (default), l1 = the paper's coupled L1 product "
-                        "(structured-l1 always uses its own L1 norms)")
+                        "(structured-l1 always uses its own L1 norms, tsvd the singular values)")
     p.add_argument("--layout", default="uniform", choices=["uniform", "free"],
-                   help="transpa / structured-l1: uniform = same sizes in every layer, a plain HF checkpoint (default); "
+                   help="transpa / structured-l1 / tsvd: uniform = same sizes in every layer, a plain HF checkpoint (default); "
                         "free = per-layer sizes, loads with sparseforge.load_model")
     p.add_argument("--from-scratch", default=None, metavar="CONFIG",
                    help="train a new randomly initialised LLaMA-style decoder instead of --model: a JSON file of "

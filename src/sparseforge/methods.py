@@ -26,7 +26,7 @@ class MethodInfo:
     #: defaults that differ between methods of one kind (e.g. the learning rate)
     defaults: dict = field(default_factory=dict)
     #: train-time methods: "module:function" building the method object, ``build(name, steps, options)``;
-    #: baselines share their family's entry point (itp and lowrank are LoSparse's, structured-l1 TranSpa's)
+    #: baselines share their family's entry point (itp and lowrank are LoSparse's, structured-l1 and tsvd TranSpa's)
     entry: str | None = None
 
 
@@ -56,6 +56,8 @@ _ALL = (
     MethodInfo("structured-l1", TRAIN_TIME,
                "uncoupled: each matrix's rows/columns by their own L1 norm, same trajectory", _TRAIN_LR,
                entry=_TRANSPA),
+    MethodInfo("tsvd", TRAIN_TIME, "truncated SVD of each coupled product, same trajectory (the paper's ablation)",
+               _TRAIN_LR, entry=_TRANSPA),
     MethodInfo("dense", TRAIN_TIME, "plain fine-tuning of every weight (the quality ceiling)", _TRAIN_LR,
                entry="sparseforge.training:build_dense"),
 )

@@ -400,7 +400,8 @@ def describe(stage: Stage) -> str:
         return (f"prune {a.prune} {a.pattern or a.sparsity or '0.5'}, then " if a.prune else "") + f"{a.method}, {a.steps} steps"
     if stage.kind == "train":
         target = {"losparse": f"keep {a.keep:g}", "itp": f"keep {a.keep:g}", "lowrank": f"keep {a.keep:g}",
-                  "transpa": f"target {a.target_params:g}", "structured-l1": f"target {a.target_params:g}"}.get(a.method, "")
+                  "transpa": f"target {a.target_params:g}", "structured-l1": f"target {a.target_params:g}",
+                  "tsvd": f"target {a.target_params:g}"}.get(a.method, "")
         return f"{a.method} ({a.task}{', ' + target if target else ''}), {a.steps} steps"
     if stage.kind == "eval":
         tasks = getattr(a, "tasks", None)  # lm-evaluation-harness tasks, where the command has them

@@ -15,6 +15,10 @@ model keeps training at that size.
 - ``structured-l1``: the uncoupled ablation, each matrix's rows / columns by their own L1
   norm; same Fisher selection, same rounds and target, so the same parameter trajectory
   up to one removal per round.
+- ``tsvd``: the truncated-SVD ablation (``truncated_svd.py``): a selected couple's units are the
+  singular directions of its coupled product, the θ rule keeps θ of its nuclear norm, and
+  a couple that loses units is first rewritten in its SVD basis; same selection, rounds
+  and target.
 
 Budget: ``target_params`` is a fraction of ALL the model's parameters (embeddings
 included, tied weights once); only the blocks shrink, so the target must leave room for
@@ -42,12 +46,14 @@ from .importance import CoupledFisher
 from .plain_config import allowed_group_counts, config_keys
 from .select import LAYOUTS, RemovalPlan, clamp_plan, layout_floor, plan_round
 from .surgery import apply_plan, uniform_config
+from .truncated_svd import rotate_couples, spectrum
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("transpa", "structured-l1")
-UNIT_SCORES = ("activation", "l1")
-DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1"}
+VARIANTS = ("transpa", "structured-l1", "tsvd")
+UNIT_SCORES = ("activation", "l1")  # transpa's choice
+#: transpa chooses its unit score; each ablation's score is its definition
+DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1", "tsvd": "singular-values"}
 
 
 def _finite(x) -> bool:
@@ -71,12 +77,13 @@ class TranSpaConfig:
             raise ConfigError(f"TranSpa variant '{self.method}' unknown: choose from {', '.join(VARIANTS)}")
         if self.unit_score is None:
             self.unit_score = DEFAULT_UNIT_SCORE[self.method]
-        if self.unit_score not in UNIT_SCORES:
+        if self.method != "transpa" and self.unit_score != DEFAULT_UNIT_SCORE[self.method]:
+            what = {"structured-l1": "each matrix's rows / columns by their own L1 norms",
+                    "tsvd": "the singular values of each coupled product"}[self.method]
+            raise ConfigError(f"{self.method} scores {what} (its definition): drop --unit-score, or use --method transpa")
+        if self.method == "transpa" and self.unit_score not in UNIT_SCORES:
             raise ConfigError(f"--unit-score '{self.unit_score}' unknown: choose activation (measured contribution) "
                               "or l1 (the paper's coupled L1 product)")
-        if self.method == "structured-l1" and self.unit_score != "l1":
-            raise ConfigError("structured-l1 scores each matrix's rows / columns by their own L1 norms (its "
-                              "definition): drop --unit-score, or use --method transpa")
         if not (_finite(self.target_params) and 0 < self.target_params < 1):
             raise ConfigError(f"--target-params {self.target_params} must be in (0, 1): the fraction of the model's "
                               "parameters (embeddings included) to reach, e.g. 0.7")
@@ -157,6 +164,8 @@ class StructuredRounds(Callback):
     def _unit_scorer(self):
         if self.config.method == "structured-l1":
             return "structured-l1"
+        if self.config.method == "tsvd":
+            return spectrum
         return self.stats.unit_scores if self.stats is not None else "coupled-l1"
 
     def _watch(self, model) -> None:
@@ -204,6 +213,8 @@ class StructuredRounds(Callback):
             log.info("%s round %d at step %d: nothing removed yet (carried over: %s)", self.config.method, self.rounds,
                      trainer.step, {k: round(v, 1) for k, v in self.carry.items()})
             return
+        if self.config.method == "tsvd":  # the units removed are the product's last singular directions
+            rotate_couples(model, plan.units(), trainer.optimizer)
         apply_plan(model, plan, trainer.optimizer, self.config.layout)
         self._watch(model)  # the hooked layers may have been replaced (compact attention) or be done
         self.plans.append(plan.to_dict())

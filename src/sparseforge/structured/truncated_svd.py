@@ -1,0 +1,163 @@
+"""The tSVD ablation of TranSpa (METHODS.md §6): truncated SVD of each coupled product.
+
+A couple shares one inner dimension between the matrices that produce it (side 0) and
+those that consume it (side 1). Stack, per unit u, everything the unit touches on each
+side — the unit's row of every side-0 member (with its bias entry) and its column of
+every side-1 member, one block per slot (a GQA group's query heads, a rotary pair's two
+rows) — into ``A0`` (units x L0) and ``A1`` (units x L1). The coupled product is
+``P = A1ᵀ A0``; any invertible change of inner basis ``A0 → T A0``, ``A1 → T⁻ᵀ A1``
+leaves it unchanged, so the best rank-r couple (Eckart-Young) is the SVD's: position u
+of the couple holds singular direction u, ``A0' = S^½ Vᵀ``, ``A1' = S^½ Uᵀ``, and
+removing the last units (the smallest σ) is the truncation.
+
+- VO couples are linear between V and O (attention mixes tokens, not value dims), so the
+  rotation is exact and the truncation optimal for the product the couple computes.
+- FFN couples have a nonlinearity between the sides: the rotation changes what the
+  couple computes, even before any unit is removed. That is the ablation: the product
+  ``W_out W_in`` ignores the nonlinearity (why the paper scores units instead, eq. 9).
+- QK couples with rotary embeddings have a PINNED basis: RoPE rotates each pair
+  (j, j + d/2) by its own frequency, and mixing pairs breaks that. Averaged over the
+  relative rotation, the pair's term ``Q_jᵀ R K_j`` has squared Frobenius norm
+  ``‖Q_j‖²‖K_j‖²/2`` and different frequencies' terms are orthogonal, so the truncation
+  RoPE allows keeps the pairs with the largest ``‖A0_u‖·‖A1_u‖``; no rotation.
+  Without rotary embeddings (GPT-2, OPT, BERT) QK couples rotate like VO.
+
+Unit scores (``spectrum``) are σ at each position, normalised to sum 1, so the θ rule
+keeps the share θ of the couple's nuclear norm. ``rotate_couples`` rewrites, just
+before the surgery, every couple the plan shrinks. The rotated slices' AdamW moments
+are reset: exp_avg to 0 (no direction is known in the new basis), exp_avg_sq to the
+mean of the old slice's (so the next steps keep the matrix's step size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..models import get_weight
+from .couples import Couple, Member, block_attention, build_couples
+from .importance import normalised
+
+
+def _bias(module: nn.Module, member: Member):
+    return getattr(module, "bias", None) if member.dim == 0 else None
+
+
+def _blocks(model: nn.Module, couple: Couple, side: int) -> list[torch.Tensor]:
+    """Per member of ``side`` and per slot: the (units x length) float64 block of what each unit touches."""
+    blocks = []
+    for m in couple.members:
+        if m.side != side:
+            continue
+        module = model.get_submodule(m.layer)
+        weight = get_weight(module).detach().double()
+        bias = _bias(module, m)
+        for s in range(m.index.shape[1]):
+            rows = m.index[:, s]
+            if m.dim == 0:
+                block = weight[rows]
+                if bias is not None:
+                    block = torch.cat([block, bias.detach().double()[rows, None]], 1)
+            else:
+                block = weight[:, rows].T
+            blocks.append(block)
+    return blocks
+
+
+def side_matrices(model: nn.Module, couple: Couple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, A1): units x L0 and units x L1, so the coupled product is ``A1ᵀ A0``."""
+    return tuple(torch.cat(_blocks(model, couple, side), 1) for side in (0, 1))
+
+
+def pinned(model: nn.Module, couple: Couple) -> bool:
+    """True if the couple's inner basis cannot rotate: a QK couple under rotary embeddings."""
+    return couple.kind == "qk" and block_attention(model, couple.block).layout.rope
+
+
+def _factors(a0: torch.Tensor, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(σ, A0', A1') with ``A1'ᵀ A0' = A1ᵀ A0``, rows in descending σ, padded with zero rows to ``units``."""
+    units = a0.shape[0]
+    q0, r0 = torch.linalg.qr(a0.T)  # L0 x k0, k0 x units
+    q1, r1 = torch.linalg.qr(a1.T)
+    u, s, vh = torch.linalg.svd(r1 @ r0.T, full_matrices=False)  # the product's spectrum, on k1 x k0
+    root = s.sqrt()
+    new0 = torch.zeros_like(a0)
+    new1 = torch.zeros_like(a1)
+    rank = min(len(s), units)
+    new0[:rank] = (root[:, None] * (vh @ q0.T))[:rank]
+    new1[:rank] = (root[:, None] * (u.T @ q1.T))[:rank]
+    sigma = torch.zeros(units, dtype=torch.float64)
+    sigma[:rank] = s[:rank]
+    return sigma, new0, new1
+
+
+@torch.no_grad()
+def spectrum(model: nn.Module, couple: Couple) -> torch.Tensor:
+    """The unit score of the tSVD ablation: σ_u at position u (descending; normalised to sum 1); for a pinned
+    couple each unit's ‖A0_u‖·‖A1_u‖ in place."""
+    a0, a1 = side_matrices(model, couple)
+    if pinned(model, couple):
+        return normalised(a0.norm(dim=1) * a1.norm(dim=1))
+    return normalised(_factors(a0, a1)[0])
+
+
+def _reset_moments(state: dict | None, rows: torch.Tensor, dim: int) -> None:
+    if not state:
+        return
+    for key, value in list(state.items()):
+        if not torch.is_tensor(value) or value.dim() == 0:
+            continue
+        view = value if dim == 0 else value.T
+        if key == "exp_avg":
+            view[rows] = 0
+        elif key in ("exp_avg_sq", "max_exp_avg_sq"):
+            view[rows] = view[rows].mean()
+
+
+def _write(model: nn.Module, couple: Couple, side: int, matrix: torch.Tensor, optimizer=None) -> None:
+    """Write ``matrix`` (units x L, the layout of ``side_matrices``) back into the side's members."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    col = 0
+    for m in couple.members:
+        if m.side != side:
+            continue
+        module = model.get_submodule(m.layer)
+        weight = get_weight(module)  # a view in the module's own storage (Conv1D: transposed)
+        bias = _bias(module, m)
+        width = weight.shape[1] if m.dim == 0 else weight.shape[0]
+        for s in range(m.index.shape[1]):
+            rows = m.index[:, s].to(weight.device)
+            block = matrix[:, col:col + width]
+            col += width
+            if m.dim == 0:
+                weight[rows] = block.to(weight.dtype)
+                if bias is not None:
+                    bias.data[rows] = matrix[:, col].to(bias.dtype)
+                    col += 1
+            else:
+                weight[:, rows] = block.T.to(weight.dtype)
+            state = opt.state.get(module.weight) if opt is not None else None
+            transposed = module.weight.shape != weight.shape  # Conv1D keeps in x out
+            _reset_moments(state, rows, (1 - m.dim) if transposed else m.dim)
+            if bias is not None:
+                _reset_moments(opt.state.get(bias) if opt is not None else None, rows, 0)
+
+
+@torch.no_grad()
+def rotate_couple(model: nn.Module, couple: Couple, optimizer=None) -> bool:
+    """Rewrite a couple in the SVD basis of its product (position u = singular direction u); False if pinned."""
+    if pinned(model, couple):
+        return False
+    a0, a1 = side_matrices(model, couple)
+    _, new0, new1 = _factors(a0, a1)
+    _write(model, couple, 0, new0, optimizer)
+    _write(model, couple, 1, new1, optimizer)
+    return True
+
+
+def rotate_couples(model: nn.Module, names: Iterable[str], optimizer=None) -> list[str]:
+    """Rotate the named couples (those a plan is about to shrink); returns the names rotated."""
+    wanted = set(names)
+    return [c.name for c in build_couples(model) if c.name in wanted and rotate_couple(model, c, optimizer)]
