@@ -5,8 +5,10 @@ couple after each backward; every ``round_steps`` optimizer steps, while the mod
 more parameters than the target, it plans a round (``plan_round``: the K fraction of
 least important couples, the θ rule on their units, the free or uniform layout), trims it
 to the target (``clamp_plan``), removes the units physically from the model AND the AdamW
-moments (``apply_plan``), and starts a new Fisher round. Once the target is reached, the
-model keeps training at that size.
+moments (``apply_plan``), and starts a new Fisher round. Once the target is reached (within
+half the layout's finest removal, ``finest_removal``: ``clamp_plan`` takes a crossing removal
+only if it overshoots by no more than its absence falls short), the model keeps training at
+that size.
 
 - ``transpa``: units scored, by default, by their measured contribution (``--unit-score
   activation``: the consuming matrix's column norms times the RMS of the unit's activation
@@ -44,7 +46,7 @@ from .activations import ActivationStats
 from .couples import block_attention, compact_capable, ffn_couple
 from .importance import CoupledFisher
 from .plain_config import allowed_group_counts, config_keys
-from .select import LAYOUTS, RemovalPlan, clamp_plan, layout_floor, plan_round
+from .select import LAYOUTS, RemovalPlan, clamp_plan, finest_removal, layout_floor, plan_round
 from .surgery import apply_plan, uniform_config
 from .truncated_svd import rotate_couples, spectrum
 
@@ -145,10 +147,12 @@ def _ffn_only(model, layout: str) -> bool:
 class StructuredRounds(Callback):
     """Coupled Fisher after every backward; a removal round every ``round_steps`` steps until the target."""
 
-    def __init__(self, config: TranSpaConfig, target: int, fraction: float, ffn_only: bool = False):
+    def __init__(self, config: TranSpaConfig, target: int, fraction: float, ffn_only: bool = False,
+                 tolerance: int = 0):
         self.config = config
         self.ffn_only = ffn_only  # uniform layout of a family that derives its head size from hidden / heads
         self.target = target
+        self.tolerance = tolerance  # half the layout's finest removal: closer than this, the target is reached
         self.fraction = fraction
         self.fisher = CoupledFisher()
         self.stats = ActivationStats() if config.unit_score == "activation" else None
@@ -161,6 +165,10 @@ class StructuredRounds(Callback):
     def _model(trainer):
         return trainer.accelerator.unwrap_model(trainer.model)
 
+    def shrinking(self, parameters: int) -> bool:
+        """True while rounds remain: the model is above the target by more than the tolerance."""
+        return parameters > self.target + self.tolerance
+
     def _unit_scorer(self):
         if self.config.method == "structured-l1":
             return "structured-l1"
@@ -172,7 +180,7 @@ class StructuredRounds(Callback):
         """(Re)hook the activation statistics on the model's current layers while rounds remain."""
         if self.stats is not None:
             self.stats.detach()
-            if count_parameters(model) > self.target:
+            if self.shrinking(count_parameters(model)):
                 self.stats.attach(model)
 
     def on_train_begin(self, trainer) -> None:
@@ -187,7 +195,7 @@ class StructuredRounds(Callback):
 
     def on_gradients(self, trainer) -> None:
         model = self._model(trainer)
-        if count_parameters(model) > self.target:
+        if self.shrinking(count_parameters(model)):
             self.fisher.accumulate(model)
 
     @torch.no_grad()
@@ -196,7 +204,7 @@ class StructuredRounds(Callback):
             return
         model = self._model(trainer)
         current = count_parameters(model)
-        if current <= self.target or not self.fisher.batches:
+        if not self.shrinking(current) or not self.fisher.batches:
             return
         plan, self.carry = plan_round(model, self.fisher.scores(), layout=self.config.layout, fraction=self.fraction,
                                       theta=self.config.theta, unit_scorer=self._unit_scorer(),
@@ -327,9 +335,10 @@ class TranSpaMethod:
             log.warning("%s: %s derives its head size from hidden_size / heads, so the uniform layout (a plain "
                         "checkpoint) removes FFN units only; use --layout free to shrink attention too",
                         config.method, type(get_adapter(model)).__name__.removesuffix("Adapter"))
-        self.callback = StructuredRounds(config, target, fraction, ffn_only)
+        tolerance = finest_removal(model, config.layout) // 2
+        self.callback = StructuredRounds(config, target, fraction, ffn_only, tolerance)
         self.info = {"config": asdict(config), "parameters": {"start": total, "blocks": block, "outside_blocks": outside,
-                                                              "target": target},
+                                                              "target": target, "tolerance": tolerance},
                      "rounds_available": rounds, "rounds_estimated": estimated_rounds(block, target_block, fraction,
                                                                                        config.theta),
                      "fraction_used": fraction, "fraction_adapted": adapted is not None, "ffn_only": ffn_only}
@@ -345,10 +354,10 @@ class TranSpaMethod:
         """Uniform layout: the config follows the new sizes (a plain HF checkpoint); report the trajectory and sizes."""
         callback = self.callback
         total = count_parameters(model)
-        reached = total <= callback.target
+        reached = not callback.shrinking(total)
         if not reached:
-            log.warning("%s: the run ended at %d parameters, above the target %d: raise --steps or lower --round-steps",
-                        self.config.method, total, callback.target)
+            log.warning("%s: the run ended at %d parameters, above the target %d (± %d): raise --steps or lower "
+                        "--round-steps", self.config.method, total, callback.target, callback.tolerance)
         if self.config.layout == "uniform":
             model.config.update(uniform_config(model))
         return model, {"trajectory": list(callback.trajectory), "rounds": callback.rounds,

@@ -34,8 +34,13 @@ Layouts (``plan_round``):
   parameters) is returned for the next round: keep it in the callback's state.
 
 ``clamp_plan`` then trims a plan to a parameter budget: removals in priority order until
-the budget is met, the last one included, so a round never removes more than one
-removal (a unit; an FFN slice / a group step in the uniform layout) beyond the target.
+the budget is met. A removal that would cross the budget is taken only if it overshoots
+by no more than leaving it out would fall short; otherwise it is skipped and cheaper
+removals after it may still fit (a removal of a ``chain``, e.g. the uniform layout's
+group steps, is never taken after a skipped one of the same chain). So the model ends
+within half a removal of the target on either side: the uniform layout's 3 -> 2 KV-group
+step (a third of the attention) is not taken when the target is a few FFN slices away.
+``finest_removal`` is the layout's smallest step; the rounds stop within half of it.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Removal:
 
     units: Mapping[str, tuple[int, ...]]
     priority: float = 0.0
+    chain: str | None = None  # removals of one chain only go in order (a later one assumes the earlier)
 
 
 @dataclass
@@ -189,19 +195,35 @@ def _item_cost(item: Removal, costs: Mapping[str, int]) -> int:
 
 
 def clamp_plan(model: nn.Module, plan: RemovalPlan, max_parameters: int) -> RemovalPlan:
-    """The plan trimmed to about ``max_parameters``: removals in priority order (stable) until the
-    budget is reached, the crossing one included (overshoot < one removal)."""
+    """The plan trimmed to about ``max_parameters``: removals in priority order (stable) until the budget is
+    reached; one that would cross it only if it overshoots by no more than its absence falls short (else skipped,
+    with the rest of its chain)."""
     if max_parameters <= 0 or not plan.items:
         return RemovalPlan([], plan.layout)
     couples = build_couples(model)
     costs = {c.name: unit_cost(model, c) for c in couples}
-    kept, total = [], 0
+    kept, total, broken = [], 0, set()
     for item in sorted(plan.items, key=lambda i: i.priority):
         if total >= max_parameters:
             break
+        if item.chain is not None and item.chain in broken:
+            continue
+        cost = _item_cost(item, costs)
+        if total + cost - max_parameters > max_parameters - total:
+            if item.chain is not None:
+                broken.add(item.chain)
+            continue
         kept.append(item)
-        total += _item_cost(item, costs)
+        total += cost
     return RemovalPlan(kept, plan.layout)
+
+
+def finest_removal(model: nn.Module, layout: str) -> int:
+    """Parameters of the smallest removal ``layout`` makes: one FFN unit (free), one FFN slice, a unit in every
+    layer (uniform)."""
+    check_layout(layout)
+    costs = [unit_cost(model, c) for c in build_couples(model) if c.kind == "ffn"]
+    return sum(costs) if layout == "uniform" else min(costs)
 
 
 def _scorer(unit_scorer: str | Callable) -> Callable:
@@ -347,7 +369,7 @@ def _uniform_groups(r: _Round, credit: float, allowed: Iterable[int]) -> tuple[l
                 units.update(r.group_units(b, g))
         mass = sum(r.group_importance(b, g) for b, gs in step.items() for g in gs)
         # never before the previous step (a later step alone would leave a count the config refuses)
-        items.append(Removal(units, max(mass, items[-1].priority) if items else mass))
+        items.append(Removal(units, max(mass, items[-1].priority) if items else mass, chain="kv-groups"))
         credit -= cost
         gone = count - target
     return items, float(credit)
