@@ -20,7 +20,8 @@ the same target on the same rounds; and a dense model of TranSpa's final size
 trained from scratch. Perplexity on held-out wiki windows during training.
 
 smol: the embedded SmolLM2-135M pruned to 70% and 80% of its parameters while
-training on wiki (uniform and free layouts), TranSpa vs structured-l1;
+training on wiki (uniform and free layouts), TranSpa vs structured-l1 and the
+tSVD ablation (truncated SVD of each coupled product);
 perplexity on the 40 held-out windows of 512 tokens. The 70% TranSpa models
 are saved for the speed suite.
 
@@ -106,7 +107,11 @@ SMOKE_SETTINGS = {
 TARGETS = {"scratch_dense_gap": 0.05, "speed_prefill": 1.4, "speed_decode": 1.2}
 SUITES = ("scratch", "smol", "speed", "encoder")
 LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size",
-          "transpa-l1": "TranSpa, the paper's L1 unit score"}
+          "transpa-l1": "TranSpa, the paper's L1 unit score", "tsvd": "tSVD of the coupled products"}
+#: parameters of the smallest removal per (suite, layout) (``finest_removal``: an FFN unit, or one in every layer),
+#: for runs stored before the rounds stopped within half of it (their reports lack ``tolerance``)
+FINEST_REMOVAL = {("smol", "uniform"): 30 * 3 * 576, ("smol", "free"): 3 * 576, ("encoder", "free"): 2 * 384 + 1,
+                  ("scratch", "free"): 3 * 256}
 
 
 def settings(suite: str) -> dict:
@@ -154,8 +159,9 @@ def planned(suite: str) -> list[Run]:
     if suite == "scratch":
         return [Run("scratch", m) for m in ("dense", "transpa", "structured-l1", "small-dense")]
     if suite == "smol":
-        return [Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
-                for m in ("transpa", "structured-l1")] + [Run("smol", "transpa-l1", 0.7, "uniform")]
+        return ([Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
+                 for m in ("transpa", "structured-l1")] + [Run("smol", "transpa-l1", 0.7, "uniform")]
+                + [Run("smol", "tsvd", t, layout) for t, layout in ((0.7, "uniform"), (0.7, "free"), (0.8, "uniform"))])
     if suite == "encoder":
         return [Run("encoder", m, settings("encoder")["target"], "free") for m in ("transpa", "structured-l1")]
     return []
@@ -442,6 +448,17 @@ def kept_in_docs(run: Run) -> dict | None:
     return result
 
 
+def ended_by_an_older_clamp(run: Run, result: dict) -> bool:
+    """A run stored before the rounds stopped within half a removal of the target, that would have ended
+    elsewhere: it undershot the target by more than half the finest removal (a crossing removal that the
+    current rule skips; within half of it the rule takes the same one)."""
+    report = result.get("method_report", {})
+    if "final_parameters" not in report or "tolerance" in report.get("parameters", {}):
+        return False
+    below = report["parameters"]["target"] - report["final_parameters"]["total"]
+    return below > FINEST_REMOVAL[(run.suite, run.layout)] / 2
+
+
 def stored_run(run: Run) -> dict | None:
     """The stored result of ``run`` if its settings (and what it was derived from) are still the current ones:
     its JSON under benchmarks/work/, else the copy the docs keep."""
@@ -451,7 +468,7 @@ def stored_run(run: Run) -> dict | None:
         return None
     if run.method in ("transpa", "transpa-l1") and unit_score(result) != ("l1" if run.method == "transpa-l1" else UNIT_SCORE):
         return None
-    if result.get("settings") != settings(run.suite):
+    if result.get("settings") != settings(run.suite) or ended_by_an_older_clamp(run, result):
         return None
     if run.suite == "scratch":
         tokenizer = file_fingerprint(tokenizer_dir() / "tokenizer.json")
@@ -629,6 +646,12 @@ def smol_table(runs: dict[Run, dict]) -> tuple[str, dict]:
             verdict[key] = tp < l1
             notes.append(f"{target:.0%} {layout}: TranSpa {tp:.2f} < structured-l1 {l1:.2f}: {_verdict(tp < l1)}"
                          + _size_caveat(pair["transpa"], pair["structured-l1"]))
+        tsvd = next((res for r, res in runs.items() if (r.target, r.layout, r.method) == (target, layout, "tsvd")), None)
+        if pair["transpa"] and tsvd:
+            tp, sv = ppl[(target, layout, "transpa")], ppl[(target, layout, "tsvd")]
+            verdict[f"transpa_below_tsvd_{round(100 * target)}_{layout}"] = tp < sv
+            notes.append(f"{target:.0%} {layout}: TranSpa {tp:.2f} < tSVD {sv:.2f}: {_verdict(tp < sv)}"
+                         + _size_caveat(pair["transpa"], tsvd))
     if notes:
         lines += ["", "Targets: " + "; ".join(notes) + "."]
     return "\n".join(lines), verdict
@@ -749,7 +772,7 @@ def plot_scratch(runs: dict[Run, dict], path: Path) -> None:
 def plot_smol(runs: dict[Run, dict], path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("transpa", "structured-l1", "transpa-l1"):
+    for method in ("transpa", "structured-l1", "transpa-l1", "tsvd"):
         for layout, marker in (("uniform", "o"), ("free", "s")):
             points = sorted((r["method_report"]["final_parameters"]["total"] / 1e6, r["run"]["metrics_after_512"]["perplexity"])
                             for run, r in runs.items() if run.method == method and run.layout == layout)
