@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from sparseforge.errors import ConfigError
 from sparseforge.methods import build_train_method, method_names
@@ -127,31 +128,42 @@ def test_ffn_rotation_keeps_the_product_not_the_function():
     assert (outputs(model, x) - before).abs().max() > 1e-3
 
 
-def test_rotation_resets_the_rotated_slices_moments_only():
-    model = build("llama-bias")
+@pytest.mark.parametrize("name, couple_name", [("llama-bias", "model.layers.0:vo.1"),
+                                               ("gpt2", "transformer.h.0:vo.2")])  # GPT-2: square Conv1D c_proj
+def test_rotation_resets_the_rotated_slices_moments_only(name, couple_name):
+    model = build(name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = tokens()
     for _ in range(2):
         model.zero_grad()
         model(x, labels=x).loss.backward()
         optimizer.step()
-    v = model.model.layers[0].self_attn.v_proj
-    o = model.model.layers[0].self_attn.o_proj
-    old = {id(p): {k: t.clone() for k, t in optimizer.state[p].items()} for p in (v.weight, v.bias, o.weight)}
-    rotate_couple(model, couple(model, "model.layers.0:vo.1"), optimizer)
-    rows, cols = slice(16, 32), torch.cat([torch.arange(32, 48), torch.arange(48, 64)])  # group 1; query heads 2, 3
-    for p, index, dim in ((v.weight, rows, 0), (v.bias, rows, 0), (o.weight, cols, 1)):
-        state, before = optimizer.state[p], old[id(p)]
-        assert torch.equal(state["step"], before["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            new, was = (state[key], before[key]) if dim == 0 else (state[key].T, before[key].T)
-            mask = torch.zeros(new.shape[0], dtype=torch.bool)
-            mask[index] = True
-            assert torch.equal(new[~mask], was[~mask])  # group 0's slices untouched
-            if key == "exp_avg":
-                assert torch.all(new[mask] == 0)
-            else:
-                torch.testing.assert_close(new[mask], torch.full_like(new[mask], float(was[mask].mean())))
+    c = couple(model, couple_name)
+    old = {id(p): {k: t.clone() for k, t in optimizer.state[p].items()} for p in model.parameters()}
+    rotate_couple(model, c, optimizer)
+    touched = set()
+    for m in c.members:
+        module = model.get_submodule(m.layer)
+        conv = isinstance(module, Conv1D)
+        params = [(module.weight, m.dim, conv)] + ([(module.bias, 0, False)] if m.dim == 0 and module.bias is not None else [])
+        for p, dim, transposed in params:
+            touched.add(id(p))
+            state, before = optimizer.state[p], old[id(p)]
+            assert torch.equal(state["step"], before["step"])
+            for key in ("exp_avg", "exp_avg_sq"):
+                new, was = (state[key].T, before[key].T) if transposed else (state[key], before[key])
+                new, was = (new, was) if dim == 0 else (new.T, was.T)  # the member's slices as rows
+                mask = torch.zeros(new.shape[0], dtype=torch.bool)
+                mask[m.index.flatten()] = True
+                assert torch.equal(new[~mask], was[~mask])  # the other groups' slices untouched
+                for slot in m.index.T:  # one slot: the rows of one query head (o), of the value dims (v)...
+                    if key == "exp_avg":
+                        assert torch.all(new[slot] == 0)
+                    else:
+                        torch.testing.assert_close(new[slot], torch.full_like(new[slot], float(was[slot].mean())))
+    for p in model.parameters():
+        if id(p) not in touched:
+            assert all(torch.equal(v, old[id(p)][k]) for k, v in optimizer.state[p].items())
 
 
 def test_unit_score_flags_are_refused_for_tsvd():

@@ -35,6 +35,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..models import get_weight
 from .couples import Couple, Member, block_attention, build_couples
@@ -139,8 +140,7 @@ def _write(model: nn.Module, couple: Couple, side: int, matrix: torch.Tensor, op
             else:
                 weight[:, rows] = block.T.to(weight.dtype)
             state = opt.state.get(module.weight) if opt is not None else None
-            transposed = module.weight.shape != weight.shape  # Conv1D keeps in x out
-            _reset_moments(state, rows, (1 - m.dim) if transposed else m.dim)
+            _reset_moments(state, rows, (1 - m.dim) if isinstance(module, Conv1D) else m.dim)  # Conv1D: in x out
             if bias is not None:
                 _reset_moments(opt.state.get(bias) if opt is not None else None, rows, 0)
 
