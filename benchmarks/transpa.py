@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/transpa.py                    # every suite, reusing stored runs
     .venv/bin/python benchmarks/transpa.py --suite scratch    # pre-training a small LLaMA from random init
+    .venv/bin/python benchmarks/transpa.py --suite scratch-long   # the same with 3x the tokens (~2.3 epochs)
     .venv/bin/python benchmarks/transpa.py --suite smol       # SmolLM2-135M pruned to 80% / 70% while training
     .venv/bin/python benchmarks/transpa.py --suite speed      # prefill / decode speed of the saved 70% models
     .venv/bin/python benchmarks/transpa.py --suite encoder    # MiniLM on wiki-topics to 60% of its parameters
@@ -18,6 +19,8 @@ from random initialisation on the same tokens four times: dense; TranSpa to
 60% of the block (non-embedding) parameters (free layout); structured-l1 to
 the same target on the same rounds; and a dense model of TranSpa's final size
 trained from scratch. Perplexity on held-out wiki windows during training.
+scratch-long: the same four runs with 3x the steps (2.5M tokens, ~2.3 epochs
+of the train split): at 200 steps every model is far from trained.
 
 smol: the embedded SmolLM2-135M pruned to 70% and 80% of its parameters while
 training on wiki (uniform and free layouts), TranSpa vs structured-l1 and the
@@ -81,6 +84,8 @@ SCRATCH_STEPS = 200
 SCRATCH = {"model": SCRATCH_MODEL, "vocab": 8192, "steps": SCRATCH_STEPS, "batch_size": 16, "seq_len": 256,
            "lr": 1e-3, "weight_decay": 0.1, "warmup": 0.05, "eval_every": SCRATCH_STEPS // 10, "eval_windows": 100,
            "eval_batch_size": 10, "keep_blocks": 0.6, "layout": "free", **ROUNDS}
+#: the same with 3x the steps: at 200 steps every model is far from trained and the smallest learns fastest
+SCRATCH_LONG = {**SCRATCH, "steps": 3 * SCRATCH_STEPS, "eval_every": 3 * SCRATCH_STEPS // 10}
 SMOL = {"steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06,
         "eval_seq_len": 512, "eval_windows": 40, **ROUNDS}
 SMOL_DENSE_PERPLEXITY = 14.10  # the one-shot tables' dense SmolLM2-135M on the same 40 x 512 windows
@@ -99,25 +104,31 @@ SPEED = {"prefill_tokens": 512, "decode_tokens": 64, "context": 512, "batch_size
 SMOKE_ROUNDS = {"theta": 0.5}
 SMOKE_SETTINGS = {
     "scratch": {**SCRATCH, **SMOKE_ROUNDS, "steps": 6, "eval_every": 3, "eval_windows": 4, "eval_batch_size": 4},
+    "scratch-long": {**SCRATCH, **SMOKE_ROUNDS, "steps": 8, "eval_every": 4, "eval_windows": 4, "eval_batch_size": 4},
     "smol": {**SMOL, **SMOKE_ROUNDS, "steps": 3, "batch_size": 1, "seq_len": 64, "eval_windows": 2},
     "encoder": {**ENCODER, **SMOKE_ROUNDS, "steps": 8, "batch_size": 4, "seq_len": 32},
     "speed": {**SPEED, "prefill_tokens": 32, "decode_tokens": 4, "context": 32, "repeats": 1, "warmup": 0},
 }
 
 TARGETS = {"scratch_dense_gap": 0.05, "speed_prefill": 1.4, "speed_decode": 1.2}
-SUITES = ("scratch", "smol", "speed", "encoder")
+SUITES = ("scratch", "scratch-long", "smol", "speed", "encoder")
+SCRATCH_SUITES = ("scratch", "scratch-long")
 LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size",
           "transpa-l1": "TranSpa, the paper's L1 unit score", "tsvd": "tSVD of the coupled products"}
 #: parameters of the smallest removal per (suite, layout) (``finest_removal``: an FFN unit, or one in every layer),
 #: for runs stored before the rounds stopped within half of it (their reports lack ``tolerance``)
 FINEST_REMOVAL = {("smol", "uniform"): 30 * 3 * 576, ("smol", "free"): 3 * 576, ("encoder", "free"): 2 * 384 + 1,
-                  ("scratch", "free"): 3 * 256}
+                  ("scratch", "free"): 3 * 256, ("scratch-long", "free"): 3 * 256}
 
 
 def settings(suite: str) -> dict:
     if SMOKE:
         return SMOKE_SETTINGS[suite]
-    return {"scratch": SCRATCH, "smol": SMOL, "encoder": ENCODER, "speed": SPEED}[suite]
+    return settings_full(suite)
+
+
+def settings_full(suite: str) -> dict:
+    return {"scratch": SCRATCH, "scratch-long": SCRATCH_LONG, "smol": SMOL, "encoder": ENCODER, "speed": SPEED}[suite]
 
 
 def use_smoke() -> None:
@@ -156,8 +167,8 @@ class Run:
 
 def planned(suite: str) -> list[Run]:
     """The runs of a suite, most important first."""
-    if suite == "scratch":
-        return [Run("scratch", m) for m in ("dense", "transpa", "structured-l1", "small-dense")]
+    if suite in SCRATCH_SUITES:
+        return [Run(suite, m) for m in ("dense", "transpa", "structured-l1", "small-dense")]
     if suite == "smol":
         return ([Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
                  for m in ("transpa", "structured-l1")] + [Run("smol", "transpa-l1", 0.7, "uniform")]
@@ -308,8 +319,8 @@ def scratch_model(fields: dict, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def stored_transpa_scratch() -> dict | None:
-    return stored_run(Run("scratch", "transpa"))
+def stored_transpa_scratch(suite: str) -> dict | None:
+    return stored_run(Run(suite, "transpa"))
 
 
 # ---------------------------------------------------------------- one run (child process)
@@ -319,13 +330,13 @@ def scratch_worker(run: Run) -> dict:
     from sparseforge.structured.method import block_parameters, count_parameters
     from sparseforge.training import train
 
-    s = settings("scratch")
+    s = settings(run.suite)
     tokenizer = wiki_tokenizer()
     extra = {"tokenizer": {"dir": str(tokenizer_dir().relative_to(ROOT)), "vocab": len(tokenizer),
                            "fingerprint": file_fingerprint(tokenizer_dir() / "tokenizer.json")}}
     fields = dict(s["model"])
     if run.method == "small-dense":
-        fields, extra["small_dense"] = small_dense_fields(fields, stored_transpa_scratch(), s["keep_blocks"])
+        fields, extra["small_dense"] = small_dense_fields(fields, stored_transpa_scratch(run.suite), s["keep_blocks"])
     model = scratch_model(fields, tokenizer)
     extra["block_parameters_start"] = block_parameters(model)
     options = {}
@@ -380,7 +391,7 @@ def encoder_worker(run: Run) -> dict:
     return {**report.to_dict(), "method_options": options}
 
 
-WORKERS = {"scratch": scratch_worker, "smol": smol_worker, "encoder": encoder_worker}
+WORKERS = {"scratch": scratch_worker, "scratch-long": scratch_worker, "smol": smol_worker, "encoder": encoder_worker}
 
 
 def worker(name: str) -> None:
@@ -456,7 +467,7 @@ def ended_by_an_older_clamp(run: Run, result: dict) -> bool:
     if "final_parameters" not in report or "tolerance" in report.get("parameters", {}):
         return False
     below = report["parameters"]["target"] - report["final_parameters"]["total"]
-    return below > FINEST_REMOVAL[(run.suite, run.layout)] / 2
+    return below > FINEST_REMOVAL[(run.suite, report.get("layout", run.layout))] / 2
 
 
 def stored_run(run: Run) -> dict | None:
@@ -470,12 +481,12 @@ def stored_run(run: Run) -> dict | None:
         return None
     if result.get("settings") != settings(run.suite) or ended_by_an_older_clamp(run, result):
         return None
-    if run.suite == "scratch":
+    if run.suite in SCRATCH_SUITES:
         tokenizer = file_fingerprint(tokenizer_dir() / "tokenizer.json")
         if tokenizer and result["tokenizer"]["fingerprint"] != tokenizer:
             return None
         if run.method == "small-dense":  # sized after TranSpa's final count: stale if that run changed
-            transpa = stored_transpa_scratch()
+            transpa = stored_transpa_scratch(run.suite)
             made_from = result["small_dense"]["matched_to"] == "TranSpa's final report"
             if transpa and (not made_from or result["small_dense"]["wanted_blocks"]
                             != transpa["method_report"]["final_parameters"]["blocks"]):
@@ -563,7 +574,7 @@ def scratch_curve(result: dict) -> list[tuple[int, float]]:
 
 
 def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
-    s = settings("scratch")
+    s = settings(next(iter(runs)).suite)
     m = s["model"]
     tokens = s["steps"] * s["batch_size"] * s["seq_len"]
     any_run = next(iter(runs.values()))
@@ -758,7 +769,7 @@ def plot_scratch(runs: dict[Run, dict], path: Path) -> None:
     curve.set_yscale("log")
     curve.set_xlabel("step")
     curve.set_ylabel("held-out perplexity")
-    curve.set_title("pre-training from scratch")
+    curve.set_title(f"pre-training from scratch, {settings(next(iter(runs)).suite)['steps']} steps")
     curve.legend()
     size.set_xlabel("block parameters at the end (M)")
     size.set_ylabel("final perplexity")
@@ -818,6 +829,7 @@ def build_docs() -> None:
                           "runs": {r.name: _trimmed(res) for r, res in runs.items()}}
 
     add_training_suite("scratch", "Pre-training from scratch", scratch_table, plot_scratch)
+    add_training_suite("scratch-long", "Pre-training from scratch, 3x the tokens", scratch_table, plot_scratch)
     add_training_suite("smol", "SmolLM2-135M pruned while training", smol_table, plot_smol)
     speed = stored_speed()
     if speed:
@@ -845,7 +857,7 @@ def build_docs() -> None:
 
 def full_minutes_estimate(suite: str, result: dict) -> str:
     """The full setting's minutes of steps from this run's median step, when the smoke's steps are full size."""
-    smoke, full = SMOKE_SETTINGS[suite], {"scratch": SCRATCH, "smol": SMOL, "encoder": ENCODER}[suite]
+    smoke, full = SMOKE_SETTINGS[suite], settings_full(suite)
     if (smoke["batch_size"], smoke["seq_len"]) != (full["batch_size"], full["seq_len"]):
         return f"{full['batch_size']} x {full['seq_len']} tokens per step, not extrapolated from the smoke's"
     return f"≈ {result['run']['median_step_seconds'] * full['steps'] / 60:.0f} min of steps ({full['steps']} steps)"
