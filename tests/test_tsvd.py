@@ -59,7 +59,7 @@ def test_rotating_linear_couples_keeps_the_models_function(name):
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     free = [c for c in build_couples(model) if c.kind != "ffn" and not pinned(model, c)]
     assert free and {c.kind for c in free} == ({"vo"} if name.startswith("llama") else {"qk", "vo"})
-    assert rotate_couples(model, [c.name for c in free]) == [c.name for c in free]
+    assert rotate_couples(model, {c.name: [0] for c in free}) == [c.name for c in free]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])}
     assert {layer + ".weight" for c in free for layer in c.layers} <= changed  # every rotated matrix moved
     torch.testing.assert_close(outputs(model, x), before, atol=2e-5, rtol=1e-4)

@@ -31,7 +31,7 @@ mean of the old slice's (so the next steps keep the matrix's step size).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -157,7 +157,8 @@ def rotate_couple(model: nn.Module, couple: Couple, optimizer=None) -> bool:
     return True
 
 
-def rotate_couples(model: nn.Module, names: Iterable[str], optimizer=None) -> list[str]:
-    """Rotate the named couples (those a plan is about to shrink); returns the names rotated."""
-    wanted = set(names)
-    return [c.name for c in build_couples(model) if c.name in wanted and rotate_couple(model, c, optimizer)]
+def rotate_couples(model: nn.Module, units: Mapping[str, Sequence[int]], optimizer=None) -> list[str]:
+    """Rotate the couples a plan is about to shrink (couple name -> units it removes), except those it removes
+    whole; returns the names rotated."""
+    return [c.name for c in build_couples(model)
+            if 0 < len(units.get(c.name, ())) < c.units and rotate_couple(model, c, optimizer)]
