@@ -68,6 +68,8 @@ OUT = WORK / "transpa"
 ROUNDS = {"fraction": 0.3, "theta": 0.9, "reach_by": 0.6}
 #: TranSpa's unit score (the library's default); a stored TranSpa run scored otherwise is stale
 UNIT_SCORE = "activation"
+#: the tSVD ablation's definition (runs under an earlier one, the θ rule on the singular values, are stale)
+TSVD_UNIT_SCORE = "l1-count-svd-directions"
 
 #: the scratch model; 8 heads of 32 dims, 2 query heads per KV group
 SCRATCH_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -481,6 +483,8 @@ def stored_run(run: Run) -> dict | None:
     if result is None:
         return None
     if run.method in ("transpa", "transpa-l1") and unit_score(result) != ("l1" if run.method == "transpa-l1" else UNIT_SCORE):
+        return None
+    if run.method == "tsvd" and unit_score(result) != TSVD_UNIT_SCORE:  # an earlier definition of the ablation
         return None
     if result.get("settings") != settings(run.suite) or ended_by_an_older_clamp(run, result):
         return None

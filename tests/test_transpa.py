@@ -270,8 +270,8 @@ def scratch_config(tmp_path, **extra):
     (["--from-scratch", "BERT"], "bert"),
     (["--from-scratch", "missing-preset"], "neither a JSON config file nor a preset"),
     (["--unit-score", "fisher"], "--unit-score: invalid choice"),
-    (["--method", "structured-l1", "--unit-score", "activation"], "structured-l1 scores each matrix"),
-    (["--method", "tsvd", "--unit-score", "l1"], "tsvd scores the singular values of each coupled product"),
+    (["--method", "structured-l1", "--unit-score", "activation"], "structured-l1 ranks each matrix"),
+    (["--method", "tsvd", "--unit-score", "l1"], "tsvd ranks singular directions of each coupled product"),
 ])
 def test_cli_bad_transpa_inputs(capsys, tmp_path, argv, fragment):
     if "BERT" in argv:

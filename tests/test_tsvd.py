@@ -9,8 +9,15 @@ from transformers.pytorch_utils import Conv1D
 
 from sparseforge.errors import ConfigError
 from sparseforge.methods import build_train_method, method_names
-from sparseforge.structured import apply_plan, build_couples, tsvd, unit_scores
-from sparseforge.structured.truncated_svd import pinned, rotate_couple, rotate_couples, side_matrices, spectrum
+from sparseforge.structured import apply_plan, build_couples, theta_rule, tsvd, unit_scores
+from sparseforge.structured.truncated_svd import (
+    pinned,
+    rotate_couple,
+    rotate_couples,
+    side_matrices,
+    spectrum,
+    strength,
+)
 from tiny_structured import VOCAB, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,10 +50,26 @@ def vo_product(model, block=0, group=1):
 
 
 @pytest.mark.parametrize("name", ["llama", "llama-bias"])
-def test_spectrum_is_the_singular_values_of_the_hand_built_product(name):
+def test_strength_is_the_singular_values_of_the_hand_built_product(name):
     model = build(name)
     sigma = torch.linalg.svdvals(vo_product(model))[:16]  # the product has rank 16 at most
-    torch.testing.assert_close(spectrum(model, couple(model, "model.layers.0:vo.1")), sigma / sigma.sum())
+    torch.testing.assert_close(strength(model, couple(model, "model.layers.0:vo.1")), sigma)
+
+
+@pytest.mark.parametrize("name, couple_name", [("llama", "model.layers.0:vo.1"), ("llama", "model.layers.1:ffn"),
+                                               ("llama", "model.layers.0:qk.0"), ("gpt2", "transformer.h.1:qk.3")])
+def test_the_theta_rule_removes_as_many_units_as_on_the_l1_masses_the_weakest_directions(name, couple_name):
+    model = build(name)
+    c = couple(model, couple_name)
+    v, l1 = spectrum(model, c), unit_scores(model, c)
+    torch.testing.assert_close(torch.sort(v).values, torch.sort(l1).values, atol=1e-11, rtol=0)  # the same masses
+    by_strength = v[torch.sort(strength(model, c), descending=True, stable=True).indices]
+    assert torch.all(by_strength[:-1] > by_strength[1:])  # strongest direction, largest mass
+    for theta in (0.5, 0.8, 0.9, 0.97):
+        removed = theta_rule(v, theta)
+        assert len(removed) == len(theta_rule(l1, theta))
+        weakest = torch.sort(strength(model, c), stable=True).indices[:len(removed)]
+        assert sorted(removed.tolist()) == sorted(weakest.tolist())
 
 
 @pytest.mark.parametrize("name", ["llama-bias", "gpt2", "opt", "bert"])
@@ -99,7 +122,7 @@ def test_truncation_is_the_best_product_of_its_rank_and_beats_coupled_l1_removal
     assert float((l1 - product).norm()) > 1.2 * best
 
 
-def test_rotary_query_key_pairs_are_scored_by_their_norms_and_never_rotated():
+def test_rotary_query_key_pairs_are_ordered_by_their_norms_and_never_rotated():
     model = build("llama")
     c = couple(model, "model.layers.0:qk.1")
     assert pinned(model, c) and c.units == 8  # head_dim 16: 8 rotary pairs
@@ -108,8 +131,7 @@ def test_rotary_query_key_pairs_are_scored_by_their_norms_and_never_rotated():
     pairs = [torch.tensor([j, j + 8]) for j in range(8)]
     q_norm = torch.stack([sum(q[h * 16 + p].pow(2).sum() for h in (2, 3)).sqrt() for p in pairs])  # heads 2, 3
     k_norm = torch.stack([k[16 + p].norm() for p in pairs])
-    expected = q_norm * k_norm
-    torch.testing.assert_close(spectrum(model, c), expected / expected.sum())
+    torch.testing.assert_close(strength(model, c), q_norm * k_norm)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert rotate_couple(model, c) is False
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -167,6 +189,6 @@ def test_rotation_resets_the_rotated_slices_moments_only(name, couple_name):
 
 
 def test_unit_score_flags_are_refused_for_tsvd():
-    with pytest.raises(ConfigError, match="tsvd scores the singular values of each coupled product"):
+    with pytest.raises(ConfigError, match="tsvd ranks singular directions of each coupled product"):
         build_train_method("tsvd", 10, {"round_steps": 2, "unit_score": "l1"})
     assert "tsvd" in method_names("train-time")

@@ -260,7 +260,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     p.add_argument("--unit-score", default=None, choices=["activation", "l1"],
                    help="transpa: how a selected couple's units are ranked for the θ rule; activation = their measured "
                         "contribution on the round's batches (default), l1 = the paper's coupled L1 product "
-                        "(structured-l1 always uses its own L1 norms, tsvd the singular values)")
+                        "(structured-l1 always uses its own L1 norms, tsvd singular directions)")
     p.add_argument("--layout", default="uniform", choices=["uniform", "free"],
                    help="transpa / structured-l1 / tsvd: uniform = same sizes in every layer, a plain HF checkpoint (default); "
                         "free = per-layer sizes, loads with sparseforge.load_model")

@@ -17,10 +17,10 @@ that size.
 - ``structured-l1``: the uncoupled ablation, each matrix's rows / columns by their own L1
   norm; same Fisher selection, same rounds and target, so the same parameter trajectory
   up to one removal per round.
-- ``tsvd``: the truncated-SVD ablation (``truncated_svd.py``): a selected couple's units are the
-  singular directions of its coupled product, the θ rule keeps θ of its nuclear norm, and
-  a couple that loses units is first rewritten in its SVD basis; same selection, rounds
-  and target.
+- ``tsvd``: the truncated-SVD ablation (``truncated_svd.py``): a selected couple loses as
+  many units as the θ rule on its coupled L1 masses says, but they are the weakest singular
+  directions of its coupled product (a couple that loses units is first rewritten in its
+  SVD basis); same selection, rounds and target.
 
 Budget: ``target_params`` is a fraction of ALL the model's parameters (embeddings
 included, tied weights once); only the blocks shrink, so the target must leave room for
@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 VARIANTS = ("transpa", "structured-l1", "tsvd")
 UNIT_SCORES = ("activation", "l1")  # transpa's choice
 #: transpa chooses its unit score; each ablation's score is its definition
-DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1", "tsvd": "singular-values"}
+#: (tsvd: as many units as the L1 θ rule removes, the weakest singular directions)
+DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1", "tsvd": "l1-count-svd-directions"}
 
 
 def _finite(x) -> bool:
@@ -81,8 +82,9 @@ class TranSpaConfig:
             self.unit_score = DEFAULT_UNIT_SCORE[self.method]
         if self.method != "transpa" and self.unit_score != DEFAULT_UNIT_SCORE[self.method]:
             what = {"structured-l1": "each matrix's rows / columns by their own L1 norms",
-                    "tsvd": "the singular values of each coupled product"}[self.method]
-            raise ConfigError(f"{self.method} scores {what} (its definition): drop --unit-score, or use --method transpa")
+                    "tsvd": "singular directions of each coupled product, as many as the coupled L1 θ rule removes"}
+            raise ConfigError(f"{self.method} ranks {what[self.method]} (its definition): drop --unit-score, or use "
+                              "--method transpa")
         if self.method == "transpa" and self.unit_score not in UNIT_SCORES:
             raise ConfigError(f"--unit-score '{self.unit_score}' unknown: choose activation (measured contribution) "
                               "or l1 (the paper's coupled L1 product)")

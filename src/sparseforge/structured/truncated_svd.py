@@ -22,8 +22,13 @@ removing the last units (the smallest σ) is the truncation.
   RoPE allows keeps the pairs with the largest ``‖A0_u‖·‖A1_u‖``; no rotation.
   Without rotary embeddings (GPT-2, OPT, BERT) QK couples rotate like VO.
 
-Unit scores (``spectrum``) are σ at each position, normalised to sum 1, so the θ rule
-keeps the share θ of the couple's nuclear norm. ``rotate_couples`` rewrites, just
+How many units a selected couple loses is the paper's: the θ rule on its coupled L1 unit
+masses (eq. 9). Which go is tSVD's: ``spectrum`` lays those masses, largest first, on the
+units from the strongest singular direction down, so the θ rule removes exactly as many
+units as on the L1 masses, and they are the weakest directions. (A θ rule on the
+singular values themselves would not follow TranSpa's trajectory: an FFN's product
+``W_down [W_gate | W_up]`` has rank at most the hidden size, so on SmolLM2 two thirds of
+every FFN would carry no mass and go in one round.) ``rotate_couples`` rewrites, just
 before the surgery, every couple the plan shrinks. The rotated slices' AdamW moments
 are reset: exp_avg to 0 (no direction is known in the new basis), exp_avg_sq to the
 mean of the old slice's (so the next steps keep the matrix's step size).
@@ -39,7 +44,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..models import get_weight
 from .couples import Couple, Member, block_attention, build_couples
-from .importance import normalised
+from .importance import unit_scores
 
 
 def _bias(module: nn.Module, member: Member):
@@ -94,14 +99,26 @@ def _factors(a0: torch.Tensor, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return sigma, new0, new1
 
 
-@torch.no_grad()
-def spectrum(model: nn.Module, couple: Couple) -> torch.Tensor:
-    """The unit score of the tSVD ablation: σ_u at position u (descending; normalised to sum 1); for a pinned
-    couple each unit's ‖A0_u‖·‖A1_u‖ in place."""
+def strength(model: nn.Module, couple: Couple) -> torch.Tensor:
+    """What orders a couple's units for tSVD: σ_u at position u (the position after ``rotate_couple``); for a
+    pinned couple each unit's ‖A0_u‖·‖A1_u‖."""
     a0, a1 = side_matrices(model, couple)
     if pinned(model, couple):
-        return normalised(a0.norm(dim=1) * a1.norm(dim=1))
-    return normalised(_factors(a0, a1)[0])
+        return a0.norm(dim=1) * a1.norm(dim=1)
+    return _factors(a0, a1)[0]
+
+
+@torch.no_grad()
+def spectrum(model: nn.Module, couple: Couple) -> torch.Tensor:
+    """The unit score of the tSVD ablation: the couple's coupled L1 masses (sum 1), largest first, laid on its
+    units by descending ``strength``; a 1e-12 slope breaks ties so that the weakest direction of equal mass
+    goes first."""
+    ranks = torch.sort(strength(model, couple), descending=True, stable=True).indices
+    masses = torch.sort(unit_scores(model, couple), descending=True).values
+    masses = masses - 1e-12 * torch.arange(len(masses), dtype=masses.dtype) / max(len(masses), 1)
+    out = torch.empty_like(masses)
+    out[ranks] = masses
+    return out
 
 
 def _reset_moments(state: dict | None, rows: torch.Tensor, dim: int) -> None:
