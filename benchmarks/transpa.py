@@ -406,8 +406,10 @@ def worker(name: str) -> None:
     run = next(r for suite in SUITES for r in planned(suite) if r.name == name)
     started = time.perf_counter()
     result = WORKERS[run.suite](run)
+    from sparseforge.hardware import cpu_features
+
     result.update(name=run.name, suite=run.suite, target=run.target, layout=run.layout, settings=settings(run.suite),
-                  smoke=SMOKE, total_seconds=round(time.perf_counter() - started, 1))
+                  smoke=SMOKE, total_seconds=round(time.perf_counter() - started, 1), machine=cpu_features())
     run.path.write_text(json.dumps(result, indent=1, default=str))
 
 
@@ -542,6 +544,14 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _machine(result: dict) -> str:
+    """The CPU a run's times were measured on (runs from before it was recorded: "earlier session")."""
+    m = result.get("machine")
+    if not m:
+        return "earlier session"
+    return m["model_name"] + (", AVX-512 BF16" if "avx512_bf16" in m["flags"] else ", no native bf16")
+
+
 def _params(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
@@ -602,8 +612,8 @@ def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
         f"block parameters. Perplexity on the first "
         f"{s['eval_windows']} held-out wiki windows of {s['seq_len']} tokens, every {s['eval_every']} steps.",
         "", "| run | block parameters | all parameters | perplexity | vs dense | target reached | train min | "
-            "median step s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "median step s | peak RSS MiB | CPU of the times |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     ppl = {r.method: res["run"]["metrics_after"]["perplexity"] for r, res in runs.items()}
     by_method = {r.method: res for r, res in runs.items()}
     for run, result in runs.items():
@@ -612,7 +622,8 @@ def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
         gap = f"{ppl[run.method] / ppl['dense'] - 1:+.1%}" if "dense" in ppl and run.method != "dense" else "-"
         lines.append(f"| {LABELS[run.method]} | {_params(blocks)} | {_params(result['size_after']['parameters'])} | "
                      f"{ppl[run.method]:.2f} | {gap} | {_reached(result)} | {result['run']['train_seconds'] / 60:.1f} | "
-                     f"{result['run']['median_step_seconds']:.2f} | {result['run']['peak_rss_mb']:.0f} |")
+                     f"{result['run']['median_step_seconds']:.2f} | {result['run']['peak_rss_mb']:.0f} | "
+                     f"{_machine(result)} |")
     verdict, notes = {}, []
     if "transpa" in ppl:
         for other, label in (("structured-l1", "structured-l1"), ("small-dense", "the small dense model")):
@@ -643,8 +654,8 @@ def smol_table(runs: dict[Run, dict]) -> tuple[str, dict]:
         f"{s['eval_windows']} held-out wiki windows of {s['eval_seq_len']} tokens (the one-shot tables' protocol; dense "
         f"{SMOL_DENSE_PERPLEXITY:.2f}).", "",
         "| target | layout | method | perplexity | parameters | of dense | rounds | target reached | train min | "
-        "median step s | peak RSS MiB |",
-        "|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+        "median step s | peak RSS MiB | CPU of the times |",
+        "|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
     ppl = {}
     for run, result in runs.items():  # planned order: most important first
         ppl[(run.target, run.layout, run.method)] = p = result["run"]["metrics_after_512"]["perplexity"]
@@ -653,7 +664,7 @@ def smol_table(runs: dict[Run, dict]) -> tuple[str, dict]:
                      f"{final['fraction']:.1%} | {_every(result['method_options']['round_steps'])}, K "
                      f"{result['method_options']['fraction']:.2f} | {_reached(result)} | "
                      f"{result['run']['train_seconds'] / 60:.1f} | {result['run']['median_step_seconds']:.2f} | "
-                     f"{result['run']['peak_rss_mb']:.0f} |")
+                     f"{result['run']['peak_rss_mb']:.0f} | {_machine(result)} |")
     verdict, notes = {}, []
     for target, layout in dict.fromkeys((t, lay) for t, lay, _ in ppl):
         pair = {m: next((res for r, res in runs.items() if (r.target, r.layout, r.method) == (target, layout, m)), None)
