@@ -165,7 +165,7 @@ def test_evaluation_forwards_are_not_counted_and_reset_forgets():
 
 @pytest.mark.parametrize("options, fragment", [
     ({"unit_score": "fisher"}, "--unit-score 'fisher' unknown"),
-    ({"method_name": "structured-l1", "unit_score": "activation"}, "structured-l1 scores each matrix"),
+    ({"method_name": "structured-l1", "unit_score": "activation"}, "structured-l1 ranks each matrix"),
 ])
 def test_unit_score_settings(options, fragment):
     name = options.pop("method_name", "transpa")
