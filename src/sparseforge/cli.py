@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, NotALanguageModel, SparseforgeError
 from .export import SAVE_FORMATS
-from .methods import ONE_SHOT, RECOVERY, TRAIN_TIME, method_names, methods_help
+from .methods import ONE_SHOT, RECOVERY, TRAIN_TIME, method_names, methods_help, train_family
 from .validate import OneLineParser, fraction, integer, positive, real
 
 log = logging.getLogger("sparseforge")
@@ -544,14 +544,6 @@ SCRATCH_PRESETS = {
 }
 
 
-def _family(method: str) -> str:
-    from .methods import get_method_info
-
-    entry = get_method_info(method, TRAIN_TIME).entry or ""
-    return {"sparseforge.lowrank.method": "losparse", "sparseforge.structured.method": "transpa"}.get(
-        entry.partition(":")[0], "dense")
-
-
 def _scratch_config(source: str) -> dict:
     """LlamaConfig fields of --from-scratch (a preset name or a JSON file); ConfigError unless a LLaMA-style decoder."""
     if source in SCRATCH_PRESETS:
@@ -599,7 +591,7 @@ def _scratch_model(source: str, seed: int):
 
 
 def _method_options(args) -> dict:
-    family = _family(args.method)
+    family = train_family(args.method)
     if family == "dense":
         return {}
     if family == "transpa":
@@ -631,7 +623,7 @@ def cmd_train(args) -> int:
     train_options = _training_options(args)
     TrainConfig(steps=args.steps, **train_options)  # validate every setting before the slow steps
     options = _method_options(args)
-    family = _family(args.method)
+    family = train_family(args.method)
     method = build_train_method(args.method, args.steps, _drop(options, "method"))
     if args.from_scratch is not None:
         if args.model is not None:

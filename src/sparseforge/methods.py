@@ -79,6 +79,13 @@ def get_method_info(name: str, kind: str | None = None) -> MethodInfo:
     return info
 
 
+def train_family(name: str) -> str:
+    """The family of a train-time method, by its entry point: "losparse" (losparse, itp, lowrank), "transpa"
+    (transpa, structured-l1, tsvd) or "dense"."""
+    entry = get_method_info(name, TRAIN_TIME).entry or ""
+    return {_LOSPARSE: "losparse", _TRANSPA: "transpa"}.get(entry, "dense")
+
+
 def build_train_method(name: str, steps: int, options: dict | None = None):
     """The method object of a train-time method (prepare / callbacks / finish), from its entry point."""
     import importlib

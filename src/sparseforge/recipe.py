@@ -399,9 +399,9 @@ def describe(stage: Stage) -> str:
     if stage.kind == "finetune":
         return (f"prune {a.prune} {a.pattern or a.sparsity or '0.5'}, then " if a.prune else "") + f"{a.method}, {a.steps} steps"
     if stage.kind == "train":
-        target = {"losparse": f"keep {a.keep:g}", "itp": f"keep {a.keep:g}", "lowrank": f"keep {a.keep:g}",
-                  "transpa": f"target {a.target_params:g}", "structured-l1": f"target {a.target_params:g}",
-                  "tsvd": f"target {a.target_params:g}"}.get(a.method, "")
+        from .methods import train_family
+
+        target = {"losparse": f"keep {a.keep:g}", "transpa": f"target {a.target_params:g}"}.get(train_family(a.method), "")
         return f"{a.method} ({a.task}{', ' + target if target else ''}), {a.steps} steps"
     if stage.kind == "eval":
         tasks = getattr(a, "tasks", None)  # lm-evaluation-harness tasks, where the command has them
