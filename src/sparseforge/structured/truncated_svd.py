@@ -82,12 +82,18 @@ def pinned(model: nn.Module, couple: Couple) -> bool:
     return couple.kind == "qk" and block_attention(model, couple.block).layout.rope
 
 
+def _core(a0: torch.Tensor, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q0, Q1, C) with ``A1ᵀ A0 = Q1 C Q0ᵀ``: C (k1 x k0, k ≤ units) carries the product's spectrum."""
+    q0, r0 = torch.linalg.qr(a0.T)  # L0 x k0, k0 x units
+    q1, r1 = torch.linalg.qr(a1.T)
+    return q0, q1, r1 @ r0.T
+
+
 def _factors(a0: torch.Tensor, a1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(σ, A0', A1') with ``A1'ᵀ A0' = A1ᵀ A0``, rows in descending σ, padded with zero rows to ``units``."""
     units = a0.shape[0]
-    q0, r0 = torch.linalg.qr(a0.T)  # L0 x k0, k0 x units
-    q1, r1 = torch.linalg.qr(a1.T)
-    u, s, vh = torch.linalg.svd(r1 @ r0.T, full_matrices=False)  # the product's spectrum, on k1 x k0
+    q0, q1, core = _core(a0, a1)
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
     root = s.sqrt()
     new0 = torch.zeros_like(a0)
     new1 = torch.zeros_like(a1)
@@ -105,7 +111,10 @@ def strength(model: nn.Module, couple: Couple) -> torch.Tensor:
     a0, a1 = side_matrices(model, couple)
     if pinned(model, couple):
         return a0.norm(dim=1) * a1.norm(dim=1)
-    return _factors(a0, a1)[0]
+    sigma = torch.zeros(a0.shape[0], dtype=torch.float64)
+    values = torch.linalg.svdvals(_core(a0, a1)[2])  # the spectrum alone: no factors to build
+    sigma[:len(values)] = values
+    return sigma
 
 
 @torch.no_grad()
