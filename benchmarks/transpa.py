@@ -545,11 +545,13 @@ def _verdict(ok: bool) -> str:
 
 
 def _machine(result: dict) -> str:
-    """The CPU a run's times were measured on (runs from before it was recorded: "earlier session")."""
+    """The CPU a run's times were measured on and its bf16 vector features (runs from before it was recorded:
+    "earlier session")."""
     m = result.get("machine")
     if not m:
         return "earlier session"
-    return m["model_name"] + (", AVX-512 BF16" if "avx512_bf16" in m["flags"] else ", no native bf16")
+    bf16 = [name for flag, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX")) if flag in m["flags"]]
+    return m["model_name"] + ", " + (" + ".join(bf16) if bf16 else "no native bf16")
 
 
 def _params(n: int) -> str:
@@ -666,21 +668,16 @@ def smol_table(runs: dict[Run, dict]) -> tuple[str, dict]:
                      f"{result['run']['train_seconds'] / 60:.1f} | {result['run']['median_step_seconds']:.2f} | "
                      f"{result['run']['peak_rss_mb']:.0f} | {_machine(result)} |")
     verdict, notes = {}, []
+    by_key = {(r.target, r.layout, r.method): res for r, res in runs.items()}
     for target, layout in dict.fromkeys((t, lay) for t, lay, _ in ppl):
-        pair = {m: next((res for r, res in runs.items() if (r.target, r.layout, r.method) == (target, layout, m)), None)
-                for m in ("transpa", "structured-l1")}
-        if all(pair.values()):
-            tp, l1 = ppl[(target, layout, "transpa")], ppl[(target, layout, "structured-l1")]
-            key = f"transpa_below_l1_{round(100 * target)}_{layout}"
-            verdict[key] = tp < l1
-            notes.append(f"{target:.0%} {layout}: TranSpa {tp:.2f} < structured-l1 {l1:.2f}: {_verdict(tp < l1)}"
-                         + _size_caveat(pair["transpa"], pair["structured-l1"]))
-        tsvd = next((res for r, res in runs.items() if (r.target, r.layout, r.method) == (target, layout, "tsvd")), None)
-        if pair["transpa"] and tsvd:
-            tp, sv = ppl[(target, layout, "transpa")], ppl[(target, layout, "tsvd")]
-            verdict[f"transpa_below_tsvd_{round(100 * target)}_{layout}"] = tp < sv
-            notes.append(f"{target:.0%} {layout}: TranSpa {tp:.2f} < tSVD {sv:.2f}: {_verdict(tp < sv)}"
-                         + _size_caveat(pair["transpa"], tsvd))
+        transpa = by_key.get((target, layout, "transpa"))
+        for other, key, label in (("structured-l1", "l1", "structured-l1"), ("tsvd", "tsvd", "tSVD")):
+            baseline = by_key.get((target, layout, other))
+            if transpa and baseline:
+                tp, bp = ppl[(target, layout, "transpa")], ppl[(target, layout, other)]
+                verdict[f"transpa_below_{key}_{round(100 * target)}_{layout}"] = tp < bp
+                notes.append(f"{target:.0%} {layout}: TranSpa {tp:.2f} < {label} {bp:.2f}: {_verdict(tp < bp)}"
+                             + _size_caveat(transpa, baseline))
     if notes:
         lines += ["", "Targets: " + "; ".join(notes) + "."]
     return "\n".join(lines), verdict
