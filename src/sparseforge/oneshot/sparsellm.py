@@ -172,35 +172,63 @@ def _newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations
 _COMPILED = {}
 
 
-def _solver():
-    """The compiled element-wise solve, or the eager one where compiling is off or fails."""
+def _compiled(key, core):
+    """``core`` compiled once per process, or eager where compiling is off or fails."""
     if os.environ.get("SPARSEFORGE_COMPILE", "1") == "0":
-        return _scalar_solve_core
-    if "fn" not in _COMPILED:
-        _COMPILED["fn"] = torch.compile(_scalar_solve_core, dynamic=True)
-    fn = _COMPILED["fn"]
+        return core
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(core, dynamic=True)
+    fn = _COMPILED[key]
 
     def run(*args):
         try:
             return fn(*args)
         except Exception as e:  # a missing compiler must not stop a pruning run
             log.warning("torch.compile of the element-wise solve failed (%s); running it eagerly", e)
-            _COMPILED["fn"] = _scalar_solve_core
-            return _scalar_solve_core(*args)
+            _COMPILED[key] = core
+            return core(*args)
 
     return run
 
 
+def _solver():
+    """The compiled element-wise solve, or the eager one where compiling is off or fails."""
+    return _compiled("scalar", _scalar_solve_core)
+
+
+def _gated_step_core(a, m_up, m_gate, s, alpha: float, beta: float, iterations: int, grid: int):
+    """One pass of the gated FFN's element-wise updates: z for the current s (closed form),
+    then s for that z (1-D solve from the current s), and the new down input SiLU(s)⊙z.
+    One function so that ``torch.compile`` fuses all three into one loop over the elements."""
+    sig = s * torch.sigmoid(s)
+    z = (alpha * m_up + beta * sig * a) / (alpha + beta * sig * sig)
+    s_new = _scalar_solve_core(a, z, m_gate, s, alpha, beta, "silu", iterations, grid)
+    return z, s_new, s_new * torch.sigmoid(s_new) * z
+
+
+def gated_aux_step(a, m_up, m_gate, s, alpha: float, beta: float, iterations: int = 4, grid: int = 3):
+    """(z, s, SiLU(s)⊙z) after the z and s updates of one SparseLLM iteration (see above)."""
+    return _compiled("gated", _gated_step_core)(a, m_up, m_gate, s, float(alpha), float(beta), iterations, grid)
+
+
 def _chunked(fn, *tensors, **kwargs):
-    """Apply an element-wise function over flat chunks of same-shaped tensors."""
+    """Apply an element-wise function (one or several outputs) over flat chunks of
+    same-shaped tensors: the temporaries of a chunk stay small."""
     shape = tensors[0].shape
+    n = tensors[0].numel()
     flats = [t.reshape(-1) if isinstance(t, torch.Tensor) and t.shape == shape else t for t in tensors]
-    out = torch.empty_like(flats[0])
-    n = out.numel()
+    outs = None
     for i in range(0, n, CHUNK):
         parts = [t[i : i + CHUNK] if isinstance(t, torch.Tensor) and t.numel() == n else t for t in flats]
-        out[i : i + CHUNK] = fn(*parts, **kwargs)
-    return out.reshape(shape)
+        result = fn(*parts, **kwargs)
+        single = isinstance(result, torch.Tensor)
+        result = (result,) if single else result
+        if outs is None:
+            outs = [torch.empty(n, dtype=r.dtype) for r in result]
+        for out, r in zip(outs, result):
+            out[i : i + CHUNK] = r
+    outs = [o.reshape(shape) for o in outs]
+    return outs[0] if single else tuple(outs)
 
 
 # ------------------------------------------------------------------ linear-algebra sub-problems
@@ -218,14 +246,23 @@ def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -
 
 
 def ridge_activation_update(y_centered: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
-                            alpha: float, beta: float) -> torch.Tensor:
-    """a = argmin α‖y − a Wdᵀ‖² + β‖a − h‖² = (α y Wd + β h)(α WdᵀWd + βI)^-1."""
-    f = w_down.shape[1]
-    system = alpha * (w_down.T @ w_down).to(torch.float64) + beta * torch.eye(f, dtype=torch.float64)
-    inverse = torch.linalg.inv(system).to(torch.float32)
-    rhs = alpha * (y_centered @ w_down)
-    rhs.add_(h, alpha=beta)
-    return rhs @ inverse
+                            alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = argmin α‖y − a Wdᵀ‖² + β‖a − h‖², and a Wdᵀ.
+
+    The normal equations give a = (α y Wd + β h)(α WdᵀWd + βI)⁻¹, an (N×f)(f×f) product. Written
+    as a = h + (y − h Wdᵀ) B with B = α Wd (α WdᵀWd + βI)⁻¹ = α (α Wd Wdᵀ + βI)⁻¹ Wd (push-through
+    identity), it needs a d×d solve and two N·d·f products; a Wdᵀ = h Wdᵀ + (y − h Wdᵀ)(B Wdᵀ)
+    then costs N·d² instead of another N·d·f.
+    """
+    d = w_down.shape[0]
+    w64 = w_down.to(torch.float64)
+    system = alpha * (w64 @ w64.T) + beta * torch.eye(d, dtype=torch.float64)
+    b = (alpha * torch.linalg.solve(system, w64)).to(torch.float32)  # d x f
+    h_down = h @ w_down.T
+    residual = y_centered - h_down
+    a = torch.addmm(h, residual, b)
+    a_down = torch.addmm(h_down, residual, b @ w_down.T)
+    return a, a_down
 
 
 def gated_z_update(m_up: torch.Tensor, sig: torch.Tensor, a: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -310,10 +347,12 @@ def sparsellm_ffn(
     inner_names = names[:-1]
     n_tokens = x.shape[0]
 
-    def check(t, what):
-        if not torch.isfinite(t).all():
+    def check(value: float, what: str) -> float:
+        # one finite sum per term instead of a scan of every N x f variable: a NaN anywhere
+        # in a variable reaches the term it enters
+        if not math.isfinite(value):
             raise NumericalError(f"non-finite {what} in SparseLLM for {layer}: check the data or use float32")
-        return t
+        return value
 
     def prune(w, gram, name):
         return sparsegpt_prune(w, gram * (2.0 / n_tokens), patterns[name], block_size=block_size,
@@ -332,13 +371,16 @@ def sparsellm_ffn(
     def sq(t) -> float:
         return float(torch.linalg.vector_norm(t, dim=-1).to(torch.float64).square().sum())
 
-    gram_x = check(_gram(x), "FFN inputs")
-    # dense auxiliary variables; Y is the dense FFN's output
+    if not torch.isfinite(x).all():
+        raise NumericalError(f"non-finite FFN inputs in SparseLLM for {layer}: check the data or use float32")
+    gram_x = _gram(x)
+    # dense auxiliary variables; Y is the dense FFN's output; h is the activation term's target
     var = {n: problem.linear(x, n) for n in inner_names}  # s (gate) and z (up)
-    a = act_input(var.get("gate"), var["up"])
-    y = problem.linear(a if gated else problem.true_act(var["up"]), "down")
+    h = act_input(var.get("gate"), var["up"])
+    y = problem.linear(h if gated else problem.true_act(var["up"]), "down")
     y_c = centered(y, "down")
     y_norm = max(sq(y), 1e-30)
+    a = h
 
     # iteration 0: SparseGPT on the dense weights with the dense input Hessians
     weights = {k: v.to(torch.float32) for k, v in problem.weights.items()}
@@ -352,10 +394,10 @@ def sparsellm_ffn(
 
     def output_error():
         hidden = F.silu(m["gate"]) * m["up"] if gated else problem.true_act(m["up"])
-        return sq(problem.linear(hidden, "down", pruned["down"]) - y) / y_norm
+        return check(sq(problem.linear(hidden, "down", pruned["down"]) - y) / y_norm, "output error")
 
     def objective():
-        return alpha * sum(terms.values()) + beta * sq(a - act_input(var.get("gate"), var["up"]))
+        return check(alpha * sum(terms.values()) + beta * sq(a - h), "objective")
 
     history = [objective()]
     errors = [output_error()]
@@ -363,42 +405,44 @@ def sparsellm_ffn(
 
     for it in range(1, iterations + 1):
         # 1. a: ridge regression between the down projection and the activation
-        a = check(ridge_activation_update(y_c, pruned["down"], act_input(var.get("gate"), var["up"]), alpha, beta),
-                  "activations a")
+        a, a_down = ridge_activation_update(y_c, pruned["down"], h, alpha, beta)
         # 2./3. pre-activations: closed form for z, element-wise 1-D solves where non-convex
         if gated:
-            var["up"] = check(gated_z_update(m["up"], F.silu(var["gate"]), a, alpha, beta), "up outputs z")
-            var["gate"] = check(_chunked(
-                lambda a_, z_, m_, s_: scalar_activation_solve("silu", a_, z_, m_, alpha, beta, s_),
-                a, var["up"], m["gate"], var["gate"]), "gate outputs s")
+            var["up"], var["gate"], h = _chunked(
+                lambda a_, mu_, mg_, s_: gated_aux_step(a_, mu_, mg_, s_, alpha, beta),
+                a, m["up"], m["gate"], var["gate"])
         elif problem.activation == "relu":
             var["up"] = _chunked(lambda a_, m_: relu_z_update(a_, m_, alpha, beta), a, m["up"])
+            h = problem.act(var["up"])
         else:
-            var["up"] = check(_chunked(
+            var["up"] = _chunked(
                 lambda a_, m_, z_: scalar_activation_solve("gelu", a_, 1.0, m_, alpha, beta, z_),
-                a, m["up"], var["up"]), "up outputs z")
+                a, m["up"], var["up"])
+            h = problem.act(var["up"])
 
         # 4. weights: least-squares targets pruned by SparseGPT, kept only where their term drops
+        changed = False
         for n in inner_names:
             candidate = prune(least_squares_target(centered(var[n], n).T @ x, gram_x, 1e-6), gram_x, n)
             m_candidate = problem.linear(x, n, candidate)
             term, term_candidate = sq(var[n] - m[n]), sq(var[n] - m_candidate)
             if term_candidate < term:
-                pruned[n], m[n], terms[n] = candidate, m_candidate, term_candidate
+                pruned[n], m[n], terms[n], changed = candidate, m_candidate, term_candidate, True
             else:
                 terms[n] = term
             del m_candidate
         g_a = _gram(a)
         candidate = prune(least_squares_target(y_c.T @ a, g_a, 1e-6), g_a, "down")
         del g_a
-        term, term_candidate = sq(y_c - a @ pruned["down"].T), sq(y_c - a @ candidate.T)
+        term, term_candidate = sq(y_c - a_down), sq(y_c - a @ candidate.T)
+        del a_down
         if term_candidate < term:
-            pruned["down"], terms["down"] = candidate, term_candidate
+            pruned["down"], terms["down"], changed = candidate, term_candidate, True
         else:
             terms["down"] = term
 
         history.append(objective())
-        errors.append(output_error())
+        errors.append(output_error() if changed else errors[-1])
         log.debug("%s: iteration %d objective %.5g output error %.5g", layer, it, history[-1], errors[-1])
         if errors[-1] < best[0]:
             best = (errors[-1], it, {k: v.clone() for k, v in pruned.items()})
