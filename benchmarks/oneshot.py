@@ -31,15 +31,19 @@ N_CALIB, SEQ_LEN, EVAL_WINDOWS = 32, 512, 40
 FP32_PEAK_GFLOPS = 170.0  # measured on this machine class, 2 threads
 
 
-def _ours(methods, patterns, dtype=None, n=None, fraction=None):
-    return [("sparseforge", m, p, dtype, n, fraction) for p in patterns for m in methods]
+def _ours(methods, patterns, dtype=None, n=None, fraction=None, iterations=None, aux=None):
+    return [("sparseforge", m, p, dtype, n, fraction, iterations, aux) for p in patterns for m in methods]
 
 
 #: the SparseLLM paper's protocol (Tables 1-2): only the first half of the decoder blocks is pruned
 HALF = 0.5
 TABLE2_PATTERNS = ("0.5", "2:4", "0.7", "0.8", "0.9", "1:4")
+HIGH_PATTERNS = ("0.7", "0.8", "0.9", "1:4")
+#: the pattern of the SparseLLM iteration curve (perplexity vs time for K = 1..4)
+CURVE_PATTERN = "0.8"
 
-# (tool, method, pattern, forward dtype or None, calibration windows or None = 32, block fraction or None = 1)
+# (tool, method, pattern, forward dtype or None, calibration windows or None = 32, block fraction or None = 1,
+#  SparseLLM iterations or None = default, SparseLLM aux tokens or None = default (0 = all))
 SUITES = {
     # the foundation comparison: three baselines, float32 and bfloat16 forwards, and llm-compressor
     "foundation": [
@@ -51,27 +55,41 @@ SUITES = {
         ("llmcompressor", "wanda", "0.5", None, None, None),
     ],
     # SparseLLM against the baselines, shaped like the paper's Table 2 (plus 50% and 2:4)
-    "sparsellm": _ours(("magnitude", "wanda", "sparsegpt", "sparsellm"), TABLE2_PATTERNS, fraction=HALF),
+    # (measured before --aux-tokens existed: SparseLLM's iterations on every calibration token)
+    "sparsellm": [c if c[1] != "sparsellm" else c[:7] + (0,)
+                  for c in _ours(("magnitude", "wanda", "sparsegpt", "sparsellm"), TABLE2_PATTERNS, fraction=HALF)],
     # the paper's appendix: perplexity vs calibration windows
-    "calibration": [c for n in (8, 16, None, 64) for c in _ours(("sparsegpt", "sparsellm"), ("0.7",), None, n, HALF)],
+    "calibration": [c if c[1] != "sparsellm" else c[:7] + (0,)
+                    for n in (8, 16, None, 64) for c in _ours(("sparsegpt", "sparsellm"), ("0.7",), None, n, HALF)],
+    # SparseLLM at its defaults against SparseGPT on every block, and its iteration curve
+    "sparsellm-full": [
+        *_ours(("sparsegpt", "sparsellm"), HIGH_PATTERNS),
+        *[c for k in (1, 2, 3, 6) for c in _ours(("sparsellm",), (CURVE_PATTERN,), iterations=k)],
+        *_ours(("sparsellm",), (CURVE_PATTERN,), iterations=4, aux=0),  # the former default: every token
+    ],
 }
 
 
-def run_key(tool, method, pattern, dtype=None, n=None, fraction=None):
+def run_key(tool, method, pattern, dtype=None, n=None, fraction=None, iterations=None, aux=None):
     return (f"{tool}:{method}:{pattern}" + (f":{dtype}" if dtype else "") + (f":n{n}" if n else "")
-            + (f":f{fraction}" if fraction else ""))
+            + (f":f{fraction}" if fraction else "") + (f":k{iterations}" if iterations is not None else "")
+            + (f":t{aux}" if aux is not None else ""))
 
 
 def parse_key(key):
     """Optional fields after the pattern: a forward dtype or "bK" (micro-batches of K windows,
-    two passes), "nN" (calibration windows), "fX" (fraction of the blocks pruned, from the first)."""
+    two passes), "nN" (calibration windows), "fX" (fraction of the blocks pruned, from the first),
+    "kK" (SparseLLM iterations), "tT" (SparseLLM aux tokens, 0 = all)."""
     match = re.match(r"^([\w-]+):([\w-]+):(\d+:\d+|[\d.]+|-)(?::(.*))?$", key)
     tool, method, pattern, tail = match.groups()
     rest = tail.split(":") if tail else []
-    n = next((int(r[1:]) for r in rest if r.startswith("n")), None)
-    fraction = next((float(r[1:]) for r in rest if r.startswith("f")), None)
-    dtype = next((r for r in rest if not r.startswith(("n", "f"))), None)
-    return tool, method, pattern, dtype, n, fraction
+
+    def field(prefix, cast):
+        return next((cast(r[1:]) for r in rest if r.startswith(prefix) and r[1:2].isdigit()), None)
+
+    n, fraction, iterations, aux = field("n", int), field("f", float), field("k", int), field("t", int)
+    dtype = next((r for r in rest if not (r[:1] in "nfkt" and r[1:2].isdigit())), None)
+    return tool, method, pattern, dtype, n, fraction, iterations, aux
 
 
 # ---------------------------------------------------------------- workers (run in child processes)
@@ -137,11 +155,19 @@ def worker_run(out: Path, key: str) -> None:
     from sparseforge.measure import peak_rss_mb
 
     prep = json.loads((out / "prepare.json").read_text())
-    tool, method, pattern, dtype, n_calib, fraction = parse_key(key)
+    tool, method, pattern, dtype, n_calib, fraction, iterations, aux = parse_key(key)
     batch_size = int(dtype[1:]) if dtype and re.fullmatch(r"b\d+", dtype) else None
     dtype = None if batch_size else dtype
     result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32",
               "n_calib": n_calib or N_CALIB, "batch_size": batch_size, "block_fraction": fraction or 1.0}
+    sparsellm_options = {}
+    if method == "sparsellm":
+        from sparseforge.oneshot.engine import OneShotConfig
+
+        defaults = OneShotConfig(method="sparsellm")
+        sparsellm_options = {"iterations": defaults.iterations if iterations is None else iterations,
+                             "aux_tokens": defaults.aux_tokens if aux is None else aux}
+        result.update(sparsellm_options)
     if tool == "dense":
         model, _ = load_model(prep["model_dir"])
         result.update(sparsity=0.0, prune_seconds=0.0, peak_rss_mb=peak_rss_mb())
@@ -149,7 +175,7 @@ def worker_run(out: Path, key: str) -> None:
         model, _ = load_model(prep["model_dir"])
         calib = torch.load(out / ("calib.pt" if not n_calib else f"calib{n_calib}.pt"))
         report = prune(model, method=method, pattern=pattern, calibration=calib, compute_dtype=dtype,
-                       batch_size=batch_size, block_fraction=fraction or 1.0, progress=False)
+                       batch_size=batch_size, block_fraction=fraction or 1.0, progress=False, **sparsellm_options)
         result.update(sparsity=report.sparsity, prune_seconds=report.seconds, peak_rss_mb=peak_rss_mb())
         if report.details:
             result["ffn_logs"] = report.details
@@ -233,6 +259,76 @@ def plot_sparsity(results: list[dict], dense: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _is_default(r: dict) -> bool:
+    from sparseforge.oneshot.engine import OneShotConfig
+
+    defaults = OneShotConfig(method="sparsellm")
+    return r.get("iterations") == defaults.iterations and r.get("aux_tokens") == defaults.aux_tokens
+
+
+def fmt_sparsellm_full(results: list[dict], docs: Path) -> str:
+    """SparseGPT vs SparseLLM's defaults per pattern, then SparseLLM's time/quality curve over K."""
+    sgpt = {r["pattern"]: r for r in results if r["method"] == "sparsegpt"}
+    default = {r["pattern"]: r for r in results if r["method"] == "sparsellm" and _is_default(r)}
+    example = next(iter(default.values()))
+    lines = [f"All 30 blocks pruned. SparseLLM at its defaults: alpha = beta = 5, {example['iterations']} iterations "
+             f"on {example['aux_tokens']} of the {N_CALIB * SEQ_LEN} calibration tokens (seeded random subset; "
+             "iteration 0 = SparseGPT and the final check against it on every token). Forwards in float32 for both.",
+             "", "| pattern | SparseGPT perplexity | SparseLLM perplexity | change | SparseGPT s | SparseLLM s "
+             "| time ratio (target <= 4x) | SparseLLM peak RSS MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for pattern, r in default.items():
+        g = sgpt.get(pattern)
+        if g is None:
+            continue
+        lines.append(f"| {pattern} | {g['perplexity']:.2f} | {r['perplexity']:.2f} | "
+                     f"{100 * (r['perplexity'] / g['perplexity'] - 1):+.1f}% | {g['prune_seconds']:.0f} | "
+                     f"{r['prune_seconds']:.0f} | {r['prune_seconds'] / g['prune_seconds']:.2f}x | {r['peak_rss_mb']:.0f} |")
+    curve = sorted((r for r in results if r["method"] == "sparsellm" and r["pattern"] == CURVE_PATTERN),
+                   key=lambda r: (r["aux_tokens"] == 0, r["iterations"]))
+    g = sgpt.get(CURVE_PATTERN)
+    lines += ["", f"Iterations vs time at {CURVE_PATTERN} (iteration 0 = SparseGPT):", "",
+              "| iterations | aux tokens | prune s | x SparseGPT | perplexity | |", "|---:|---:|---:|---:|---:|---|"]
+    if g:
+        lines.append(f"| 0 | - | {g['prune_seconds']:.0f} | 1.00x | {g['perplexity']:.2f} | SparseGPT |")
+    for r in curve:
+        tokens = "all" if r["aux_tokens"] == 0 else str(r["aux_tokens"])
+        ratio = f"{r['prune_seconds'] / g['prune_seconds']:.2f}x" if g else "-"
+        tag = "**default**" if _is_default(r) else ("former default" if r["aux_tokens"] == 0 else "")
+        lines.append(f"| {r['iterations']} | {tokens} | {r['prune_seconds']:.0f} | {ratio} | {r['perplexity']:.2f} | {tag} |")
+    plot_curve(curve, g, docs / "sparsellm_iterations.png")
+    lines += ["", "![perplexity vs pruning time](sparsellm_iterations.png)"]
+    return "\n".join(lines)
+
+
+def plot_curve(curve: list[dict], sgpt: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    subset = [r for r in curve if r["aux_tokens"] != 0]
+    points = ([(sgpt["prune_seconds"], sgpt["perplexity"], "0")] if sgpt else []) + [
+        (r["prune_seconds"], r["perplexity"], str(r["iterations"])) for r in subset]
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="SparseLLM, default tokens (K = 0 is SparseGPT)")
+    for x, y, k in points:
+        ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for r in curve:
+        if r["aux_tokens"] == 0:
+            ax.plot([r["prune_seconds"]], [r["perplexity"]], marker="s", linestyle="", label=f"K={r['iterations']}, every token")
+        if _is_default(r):
+            ax.plot([r["prune_seconds"]], [r["perplexity"]], marker="*", markersize=14, linestyle="", label="default")
+    if sgpt:
+        ax.axvline(4 * sgpt["prune_seconds"], color="grey", linestyle="--", label="4x SparseGPT's time")
+    ax.set_xlabel("pruning seconds (all 30 blocks, 2 threads)")
+    ax.set_ylabel("perplexity (held-out wiki)")
+    ax.set_title(f"SmolLM2-135M at {CURVE_PATTERN}: SparseLLM iterations")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None:
     docs = ROOT / "docs"
     docs.mkdir(exist_ok=True)
@@ -261,6 +357,8 @@ def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None
                     if r["method"] == "sparsellm" and g["method"] == "sparsegpt" and r["pattern"] == g["pattern"])
                 + "\n\nPeak RSS (MiB):\n\n" + fmt_pivot(results, "peak_rss_mb", ".0f")
                 + "\n\n![perplexity vs sparsity](sparsellm_perplexity.png)")
+    elif suite == "sparsellm-full":
+        body = "## SparseLLM at its defaults on every block (SmolLM2-135M)\n\n" + setup + fmt_sparsellm_full(results, docs)
     else:
         rows = ["| calibration windows | " + " | ".join(dict.fromkeys(r["method"] for r in results)) + " |"]
         rows.append("|---:|" + "---:|" * (len(rows[0].split("|")) - 3))

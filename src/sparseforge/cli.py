@@ -176,6 +176,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                    help="SparseLLM weight of the output and pre-activation terms (default: 5 SiLU-gated, 0.1 ReLU, 1 GELU)")
     p.add_argument("--beta", type=positive("5"), default=None, help="SparseLLM weight of the activation term (default = alpha)")
     p.add_argument("--iterations", type=integer(0), default=4, help="SparseLLM outer iterations; 0 = SparseGPT (default 4)")
+    p.add_argument("--aux-tokens", type=integer(0), default=None,
+                   help="SparseLLM: calibration tokens its iterations run on, a seeded random subset (default 4096; "
+                        "0 = all). SparseGPT's start and the final check use every token")
     p.add_argument("--override", type=_override, action="append", default=[], metavar="GLOB=S",
                    help="per-layer pattern, e.g. 'model.layers.0.*=0.3' or '*.down_proj=2:4' (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers dense (repeatable)")
@@ -411,6 +414,7 @@ def cmd_prune(args) -> int:
         block_fraction=args.block_fraction, propagate=args.propagate, batch_size=args.batch_size,
         compute_dtype=compute["dtype"], dampening=args.dampening, block_size=args.block_size,
         alpha=args.alpha, beta=args.beta, iterations=args.iterations,
+        **({} if args.aux_tokens is None else {"aux_tokens": args.aux_tokens}),
     )
     _check_paths(args)
     check_prune_plan(args.model, config)

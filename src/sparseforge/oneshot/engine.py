@@ -33,6 +33,7 @@ from ..models import get_adapter, get_weight, in_features, set_weight
 from ..sparsity.masks import sparsity_of
 from ..sparsity.pattern import Pattern
 from .methods import get_method
+from .sparsellm import DEFAULT_AUX_TOKENS
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class OneShotConfig:
     beta: float | None = None
     #: SparseLLM outer iterations; 0 = SparseGPT on every layer
     iterations: int = 4
+    #: SparseLLM: calibration tokens iterations 1..K run on (a seeded random subset); 0 = all.
+    #: Iteration 0 (SparseGPT) and the final comparison with it always use every token.
+    aux_tokens: int = DEFAULT_AUX_TOKENS
 
     def __post_init__(self):
         self.pattern = Pattern.parse(self.pattern)
@@ -87,6 +91,8 @@ class OneShotConfig:
                 raise ConfigError(f"{name} {value} must be positive, e.g. 5")
         if self.iterations < 0:
             raise ConfigError(f"iterations {self.iterations} must be 0 or more")
+        if self.aux_tokens < 0:
+            raise ConfigError(f"aux tokens {self.aux_tokens} must be 0 (all) or more, e.g. 4096")
 
     def pattern_for(self, layer: str) -> Pattern | None:
         """The pattern of a layer, or None if it stays dense."""
@@ -109,7 +115,7 @@ class OneShotConfig:
             "compute_dtype": self.compute_dtype,
             "dampening": self.dampening,
             "block_size": self.block_size,
-            **({"alpha": self.alpha, "beta": self.beta, "iterations": self.iterations}
+            **({"alpha": self.alpha, "beta": self.beta, "iterations": self.iterations, "aux_tokens": self.aux_tokens}
                if get_method(self.method).joint_ffn else {}),
         }
 
@@ -310,12 +316,14 @@ class _FFNPruner:
         )
         result = sparsellm_ffn(problem, self.patterns, alpha=self.alpha, beta=self.beta,
                                iterations=self.config.iterations, dampening=self.config.dampening,
-                               block_size=self.config.block_size, layer=self.block_name)
+                               block_size=self.config.block_size, layer=self.block_name,
+                               aux_tokens=self.config.aux_tokens)
         self.pruned = {self.roles[role]: w for role, w in result.weights.items()}
         for name in self.names:
             set_weight(self.modules[name], self.pruned[name])
         self.log = {"alpha": self.alpha, "beta": self.beta, "objective": result.objective,
-                    "output_error": result.output_error, "best_iteration": result.best_iteration}
+                    "output_error": result.output_error, "best_iteration": result.best_iteration,
+                    "aux_tokens": result.aux_tokens, "full_output_error": result.full_output_error}
         log.info("%s FFN: objective %s; output error %.4g (SparseGPT) -> %.4g", self.block_name,
                  " > ".join(f"{v:.4g}" for v in result.objective), result.output_error[0],
                  result.output_error[result.best_iteration])
