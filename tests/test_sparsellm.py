@@ -191,20 +191,25 @@ def test_zero_iterations_is_sparsegpt(family):
         assert torch.equal(states[0][key], states[1][key]), key
 
 
-def test_token_subset_is_seeded_sorted_and_all_when_large():
-    from sparseforge.oneshot.sparsellm import token_subset
+def test_token_split_is_seeded_sorted_disjoint_and_none_when_all():
+    from sparseforge.oneshot.sparsellm import token_split
 
-    a, b = token_subset(1000, 100, seed=3), token_subset(1000, 100, seed=3)
-    assert torch.equal(a, b) and len(a) == 100 and len(set(a.tolist())) == 100
-    assert torch.equal(a, a.sort().values)
-    assert not torch.equal(a, token_subset(1000, 100, seed=4))
-    assert token_subset(1000, 1000) is None and token_subset(1000, 0) is None and token_subset(1000, None) is None
+    fit, held = token_split(1000, 100, seed=3)
+    again = token_split(1000, 100, seed=3)
+    assert torch.equal(fit, again[0]) and torch.equal(held, again[1])
+    assert len(fit) == 100 and len(held) == 100 and not set(fit.tolist()) & set(held.tolist())
+    assert torch.equal(fit, fit.sort().values) and torch.equal(held, held.sort().values)
+    assert not torch.equal(fit, token_split(1000, 100, seed=4)[0])
+    assert len(token_split(1000, 700)[1]) == 300  # the rest, when fewer than the subset
+    assert token_split(1000, 1000) is None and token_split(1000, 0) is None and token_split(1000, None) is None
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu_gated", "gelu"])
 def test_iterations_on_a_token_subset(activation):
     """On a subset: iteration 0 is still SparseGPT on every token, the objective on the subset never
-    rises, and the weights returned are never worse than SparseGPT's on every token."""
+    rises, and the weights returned are never worse than SparseGPT's on the held-out tokens."""
+    from sparseforge.oneshot.sparsellm import token_split
+
     problem = _problem(activation, n=2048)
     p = Pattern.parse("0.8")
     names = ["gate", "up", "down"] if activation == "silu_gated" else ["up", "down"]
@@ -213,35 +218,49 @@ def test_iterations_on_a_token_subset(activation):
     result = sparsellm_ffn(problem, {n: p for n in names}, iterations=4, aux_tokens=512, **kwargs)
     assert result.aux_tokens == 512
     assert all(b <= a * (1 + 1e-6) for a, b in zip(result.objective, result.objective[1:])), result.objective
-    y = problem.output(problem.weights)
+    held = token_split(2048, 512)[1]
+    x, y = problem.inputs[held], problem.output(problem.weights)[held]
 
-    def full_error(w):
-        return float((problem.output(w) - y).square().sum() / y.square().sum())
+    def held_error(w):
+        up = x @ w["up"].T + (problem.bias("up") if problem.bias("up") is not None else 0)
+        hidden = F.silu(x @ w["gate"].T) * up if activation == "silu_gated" else problem.true_act(up)
+        out = hidden @ w["down"].T + (problem.bias("down") if problem.bias("down") is not None else 0)
+        return float((out - y).square().sum() / y.square().sum())
 
-    sgpt_error, chosen_error = result.full_output_error
-    assert sgpt_error == pytest.approx(full_error(sgpt.weights), rel=1e-4)
-    assert chosen_error == pytest.approx(full_error(result.weights), rel=1e-4)
+    sgpt_error, chosen_error = result.held_out_error
+    assert sgpt_error == pytest.approx(held_error(sgpt.weights), rel=1e-4)
+    assert chosen_error == pytest.approx(held_error(result.weights), rel=1e-4)
     assert chosen_error <= sgpt_error
-    if result.best_iteration == 0:
-        for n in names:
-            assert torch.equal(result.weights[n], sgpt.weights[n])
-    # every token (or a subset as large as the data) is the plain algorithm
+    # a subset as large as the data is the plain algorithm
     whole = sparsellm_ffn(problem, {n: p for n in names}, iterations=2, aux_tokens=2048, **kwargs)
     plain = sparsellm_ffn(problem, {n: p for n in names}, iterations=2, aux_tokens=None, **kwargs)
-    assert whole.full_output_error is None and whole.objective == plain.objective
+    assert whole.held_out_error is None and whole.objective == plain.objective
 
 
 def test_subset_guard_returns_sparsegpt_when_the_subset_misleads():
-    """A subset far too small to fit f = 64 hidden units: whatever it picks, the weights returned
-    are SparseGPT's unless they are better on every token."""
+    """A subset far too small to fit f = 64 hidden units: it prefers a later iterate, which is
+    worse on held-out tokens, so SparseGPT's weights come back."""
     problem = _problem("silu_gated", n=2048)
     p = Pattern.parse("0.5")
     pats = {n: p for n in ("gate", "up", "down")}
     sgpt = sparsellm_ffn(problem, pats, alpha=1.0, beta=1.0, iterations=0, block_size=32)
     result = sparsellm_ffn(problem, pats, alpha=1.0, beta=1.0, iterations=3, block_size=32, aux_tokens=16)
-    # the subset prefers a later iterate (it overfits 16 tokens) ...
     assert min(result.output_error[1:]) < 0.9 * result.output_error[0]
-    # ... which is worse on every token, so SparseGPT's weights come back
-    sgpt_error, chosen_error = result.full_output_error
+    sgpt_error, chosen_error = result.held_out_error
     assert chosen_error == sgpt_error and result.best_iteration == 0
     assert all(torch.equal(result.weights[n], sgpt.weights[n]) for n in pats)
+
+
+def test_iteration_zero_is_the_engines_stacked_sparsegpt():
+    """SparseLLM's iteration 0 prunes gate and up in one stacked solve, as the engine does for
+    SparseGPT: the same weights as sparsegpt_prune on the stacked pair."""
+    from sparseforge.oneshot.sparsegpt import sparsegpt_prune
+
+    problem = _problem("silu_gated")
+    p = Pattern.parse("0.6")
+    result = sparsellm_ffn(problem, {n: p for n in ("gate", "up", "down")}, alpha=1.0, beta=1.0, iterations=0,
+                           block_size=32)
+    x = problem.inputs
+    stacked = sparsegpt_prune(torch.cat([problem.weights["gate"], problem.weights["up"]]), x.T @ x * (2.0 / len(x)), p,
+                              block_size=32, row_splits=[64, 64])
+    assert torch.equal(result.weights["gate"], stacked[:64]) and torch.equal(result.weights["up"], stacked[64:])

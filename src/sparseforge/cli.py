@@ -177,8 +177,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     p.add_argument("--beta", type=positive("5"), default=None, help="SparseLLM weight of the activation term (default = alpha)")
     p.add_argument("--iterations", type=integer(0), default=4, help="SparseLLM outer iterations; 0 = SparseGPT (default 4)")
     p.add_argument("--aux-tokens", type=integer(0), default=None,
-                   help="SparseLLM: calibration tokens its iterations run on, a seeded random subset (default 4096; "
-                        "0 = all). SparseGPT's start and the final check use every token")
+                   help="SparseLLM: calibration tokens its iterations run on, a seeded random subset (default 3072; "
+                        "0 = all). Its SparseGPT start uses every token; the result must beat it on held-out ones")
     p.add_argument("--override", type=_override, action="append", default=[], metavar="GLOB=S",
                    help="per-layer pattern, e.g. 'model.layers.0.*=0.3' or '*.down_proj=2:4' (repeatable)")
     p.add_argument("--skip", action="append", default=[], metavar="GLOB", help="leave matching layers dense (repeatable)")

@@ -67,7 +67,7 @@ class OneShotConfig:
     #: SparseLLM outer iterations; 0 = SparseGPT on every layer
     iterations: int = 4
     #: SparseLLM: calibration tokens iterations 1..K run on (a seeded random subset); 0 = all.
-    #: Iteration 0 (SparseGPT) and the final comparison with it always use every token.
+    #: Iteration 0 (SparseGPT) uses every token; the result must beat it on held-out tokens.
     aux_tokens: int = DEFAULT_AUX_TOKENS
 
     def __post_init__(self):
@@ -92,7 +92,7 @@ class OneShotConfig:
         if self.iterations < 0:
             raise ConfigError(f"iterations {self.iterations} must be 0 or more")
         if self.aux_tokens < 0:
-            raise ConfigError(f"aux tokens {self.aux_tokens} must be 0 (all) or more, e.g. 4096")
+            raise ConfigError(f"aux tokens {self.aux_tokens} must be 0 (all) or more, e.g. 3072")
 
     def pattern_for(self, layer: str) -> Pattern | None:
         """The pattern of a layer, or None if it stays dense."""
@@ -323,7 +323,7 @@ class _FFNPruner:
             set_weight(self.modules[name], self.pruned[name])
         self.log = {"alpha": self.alpha, "beta": self.beta, "objective": result.objective,
                     "output_error": result.output_error, "best_iteration": result.best_iteration,
-                    "aux_tokens": result.aux_tokens, "full_output_error": result.full_output_error}
+                    "aux_tokens": result.aux_tokens, "held_out_error": result.held_out_error}
         log.info("%s FFN: objective %s; output error %.4g (SparseGPT) -> %.4g", self.block_name,
                  " > ".join(f"{v:.4g}" for v in result.objective), result.output_error[0],
                  result.output_error[result.best_iteration])

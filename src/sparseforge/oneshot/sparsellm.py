@@ -239,10 +239,14 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
     """W* = argmin ‖T − U Wᵀ‖ from cross = Tᵀ U (out x in) and gram = Uᵀ U: W* = cross·gram⁻¹,
-    a pseudo-inverse guarded by λ = damp·mean(diag gram), solved in float64."""
+    a pseudo-inverse guarded by λ = damp·mean(diag gram), solved in float64 by Cholesky (half
+    the work of LU; LU where rounding left the damped matrix not positive definite)."""
     g = gram.to(torch.float64)
     g = g + damp * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype)
-    return torch.linalg.solve(g, cross.to(torch.float64).T).T.to(torch.float32)
+    rhs = cross.to(torch.float64).T
+    factor, info = torch.linalg.cholesky_ex(g)
+    solution = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
+    return solution.T.to(torch.float32)
 
 
 def ridge_activation_update(y_centered: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
@@ -319,23 +323,25 @@ class SparseLLMResult:
     best_iteration: int
     #: tokens the iterations ran on (all of them unless ``aux_tokens`` took a subset)
     aux_tokens: int = 0
-    #: on a token subset: the output error on every calibration token of SparseGPT's weights
-    #: and of the weights returned (never higher); None when the iterations saw every token
-    full_output_error: tuple[float, float] | None = None
+    #: on a token subset: the output error of SparseGPT's weights and of the weights returned
+    #: (never higher) on held-out calibration tokens the iterations did not see; else None
+    held_out_error: tuple[float, float] | None = None
 
 
-#: calibration tokens SparseLLM's iterations run on by default (a seeded random subset; iteration 0,
-#: SparseGPT, and the final comparison with it use every token). Measured on SmolLM2 in
-#: docs/sparsellm.md: the same time buys more iterations on fewer tokens, and more iterations
-#: lower the output error more than more tokens do.
-DEFAULT_AUX_TOKENS = 4096
+#: calibration tokens SparseLLM's iterations run on by default (a seeded random subset; iteration 0
+#: is SparseGPT on every token). Measured on SmolLM2 in docs/sparsellm.md: the same time buys
+#: more iterations on fewer tokens, and more iterations lower the output error more than more
+#: tokens do.
+DEFAULT_AUX_TOKENS = 3072
 
 
-def token_subset(n_tokens: int, aux_tokens: int | None, seed: int = 0) -> torch.Tensor | None:
-    """Sorted indices of a seeded random subset of ``aux_tokens`` of ``n_tokens``; None = all."""
+def token_split(n_tokens: int, aux_tokens: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A seeded random split of the tokens: ``aux_tokens`` to fit, and as many others (or all
+    the rest, if fewer) held out; sorted indices. None when ``aux_tokens`` covers every token."""
     if not aux_tokens or aux_tokens >= n_tokens:
         return None
-    return torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))[:aux_tokens].sort().values
+    order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed))
+    return order[:aux_tokens].sort().values, order[aux_tokens : 2 * aux_tokens].sort().values
 
 
 def sparsellm_ffn(
@@ -363,7 +369,8 @@ def sparsellm_ffn(
     ``aux_tokens``: run iterations 1..K on a seeded random subset of that many
     tokens (their cost is linear in the tokens). Iteration 0 stays SparseGPT on
     every token, and the iterate chosen on the subset is returned only if its
-    output error on every token is below SparseGPT's.
+    output error is below SparseGPT's on as many held-out calibration tokens
+    (the subset's own error flatters the iterates fitted to it).
     """
     if alpha <= 0 or beta <= 0:
         raise ValueError("alpha and beta must be positive")
@@ -383,6 +390,25 @@ def sparsellm_ffn(
     def prune(w, gram, name):
         return sparsegpt_prune(w, gram * (2.0 / n_tokens), patterns[name], block_size=block_size,
                                dampening=dampening, layer=f"{layer}.{name}")
+
+    stack_inner = gated and patterns["gate"] == patterns["up"]
+
+    def prune_inner(targets: dict, gram) -> dict:
+        """Gate and up share the input Hessian: one stacked solve, each keeping its own count
+        (as the engine's SparseGPT does, so iteration 0 is its result exactly)."""
+        if not stack_inner:
+            return {n: prune(targets[n], gram, n) for n in inner_names}
+        rows = [targets[n].shape[0] for n in inner_names]
+        stacked = sparsegpt_prune(torch.cat([targets[n] for n in inner_names]), gram * (2.0 / n_tokens),
+                                  patterns["up"], block_size=block_size, dampening=dampening, row_splits=rows,
+                                  layer=f"{layer}.gate+up")
+        return dict(zip(inner_names, torch.split(stacked, rows)))
+
+    def inner_targets() -> dict:
+        """Least-squares targets of gate/up for the current variables: one solve for both."""
+        cross = torch.cat([centered(var[n], n).T @ x for n in inner_names])
+        return dict(zip(inner_names, torch.split(least_squares_target(cross, gram_x, 1e-6),
+                                                 [var[n].shape[1] for n in inner_names])))
 
     def centered(t, name):
         b = problem.bias(name)
@@ -407,7 +433,7 @@ def sparsellm_ffn(
 
     # iteration 0: SparseGPT on the dense weights with the dense input Hessians, on every token
     weights = {k: v.to(torch.float32) for k, v in problem.weights.items()}
-    pruned = {n: prune(weights[n], gram_x, n) for n in inner_names}
+    pruned = prune_inner({n: weights[n] for n in inner_names}, gram_x)
     pruned["down"] = prune(weights["down"], _gram(h), "down")
     sparsegpt_weights = {k: v.clone() for k, v in pruned.items()}
 
@@ -416,10 +442,11 @@ def sparsellm_ffn(
         hidden = F.silu(problem.linear(x_, "gate", w["gate"])) * up if gated else problem.true_act(up)
         return sq(problem.linear(hidden, "down", w["down"]) - y_) / max(sq(y_), 1e-30)
 
-    subset = token_subset(n_tokens, aux_tokens, seed) if iterations > 0 else None
-    if subset is not None:
-        x_all, y_all = x, y
-        sparsegpt_error_all = error_on(x_all, y_all, pruned)
+    split = token_split(n_tokens, aux_tokens, seed) if iterations > 0 else None
+    if split is not None:
+        subset, held_out = split
+        x_held, y_held = x[held_out], y[held_out]
+        sparsegpt_error_held = error_on(x_held, y_held, pruned)
         x, y, h = x[subset], y[subset], h[subset]
         var = {n: v[subset] for n, v in var.items()}
         n_tokens = x.shape[0]
@@ -463,8 +490,9 @@ def sparsellm_ffn(
 
         # 4. weights: least-squares targets pruned by SparseGPT, kept only where their term drops
         changed = False
+        candidates = prune_inner(inner_targets(), gram_x)
         for n in inner_names:
-            candidate = prune(least_squares_target(centered(var[n], n).T @ x, gram_x, 1e-6), gram_x, n)
+            candidate = candidates[n]
             m_candidate = problem.linear(x, n, candidate)
             term, term_candidate = sq(var[n] - m[n]), sq(var[n] - m_candidate)
             if term_candidate < term:
@@ -488,11 +516,11 @@ def sparsellm_ffn(
         if errors[-1] < best[0]:
             best = (errors[-1], it, {k: v.clone() for k, v in pruned.items()})
     _, best_iteration, best_weights = best
-    full_errors = None
-    if subset is not None:
-        # the subset chose the iterate; every token decides whether it beats SparseGPT
-        chosen_error = error_on(x_all, y_all, best_weights) if best_iteration > 0 else sparsegpt_error_all
-        if chosen_error >= sparsegpt_error_all:
-            best_iteration, best_weights, chosen_error = 0, sparsegpt_weights, sparsegpt_error_all
-        full_errors = (sparsegpt_error_all, chosen_error)
-    return SparseLLMResult(best_weights, history, errors, best_iteration, n_tokens, full_errors)
+    held_errors = None
+    if split is not None:
+        # the subset chose the iterate; tokens it did not see decide whether it beats SparseGPT
+        chosen_error = error_on(x_held, y_held, best_weights) if best_iteration > 0 else sparsegpt_error_held
+        if chosen_error >= sparsegpt_error_held:
+            best_iteration, best_weights, chosen_error = 0, sparsegpt_weights, sparsegpt_error_held
+        held_errors = (sparsegpt_error_held, chosen_error)
+    return SparseLLMResult(best_weights, history, errors, best_iteration, n_tokens, held_errors)
