@@ -28,6 +28,10 @@ class FFNSpec:
     gate: str | None = None
     #: attribute path (from the block) of the activation callable the model applies
     act: str | None = None
+    #: the module (from the block) whose forward in eval mode is exactly down(act(gate(x)) * up(x)),
+    #: or down(act(up(x))), token by token; None where the FFN is not one module (OPT) or adds
+    #: more (BERT's output LayerNorm). Lets the pruning engine run the FFN in token chunks.
+    module: str | None = None
 
     @property
     def linears(self) -> dict[str, str]:
@@ -158,6 +162,36 @@ class ModelAdapter:
         for part in (self.ffn.act or "").split("."):
             obj = getattr(obj, part) if part else obj
         return obj
+
+    def ffn_in_chunks(self, block: nn.Module, chunk_tokens: int):
+        """A forward for the block's FFN module that computes the intermediate ``chunk_tokens`` tokens
+        at a time, or None if the family's FFN is not one module.
+
+        Same result as the module's own forward (up to float rounding): the FFN acts on each token
+        alone. The wide intermediate is written into one buffer, so only a chunk's worth of the
+        gate, up and activation temporaries exists at once instead of three intermediates of the
+        whole input; the down projection then reads the whole buffer in one call, so a hook on it
+        sees every token at once, as it would with the module's own forward.
+        """
+        if self.ffn is None or self.ffn.module is None:
+            return None
+        gate = block.get_submodule(self.ffn.gate) if self.ffn.gate else None
+        up, down = block.get_submodule(self.ffn.up), block.get_submodule(self.ffn.down)
+        act = self.ffn_activation(block)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            hidden = None
+            for start in range(0, flat.shape[0], chunk_tokens):
+                part = flat[start:start + chunk_tokens]
+                value = act(up(part)) if gate is None else act(gate(part)).mul_(up(part))
+                if hidden is None:
+                    hidden = value.new_empty(flat.shape[0], value.shape[-1])
+                hidden[start:start + part.shape[0]] = value
+                del value
+            return down(hidden).reshape(*x.shape[:-1], -1)
+
+        return forward
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_name}.{index}"

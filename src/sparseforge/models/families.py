@@ -19,7 +19,7 @@ class LlamaAdapter(ModelAdapter):
         ("mlp.down_proj",),
     )
     ffn = FFNSpec(activation="silu_gated", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
-                  act="mlp.act_fn")
+                  act="mlp.act_fn", module="mlp")
 
     def attention(self) -> AttentionSpec:
         c = self.model.config
@@ -52,7 +52,7 @@ class GPT2Adapter(ModelAdapter):
 
     model_types = ("gpt2",)
     linear_groups = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
-    ffn = FFNSpec(activation="gelu", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act")
+    ffn = FFNSpec(activation="gelu", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act", module="mlp")
 
     def attention(self) -> AttentionSpec:
         c = self.model.config

@@ -20,6 +20,7 @@ import fnmatch
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,10 @@ from .stats import InputStats
 
 log = logging.getLogger(__name__)
 
-
+#: tokens per chunk of the FFN intermediate while a block is pruned (2048 x 1536 floats = 12 MiB
+#: for SmolLM2): the gate/up/activation temporaries of all calibration tokens at once were the
+#: largest transient of a one-pass block
+FFN_CHUNK_TOKENS = 2048
 
 @dataclass
 class OneShotConfig:
@@ -433,6 +437,22 @@ def _prune_without_data(adapter, index, layers, method, options) -> list[LayerRe
     return out
 
 
+@contextmanager
+def _ffn_in_chunks(adapter, block):
+    """While pruning a block, run its FFN intermediate in token chunks where the family allows
+    (yields the FFN module, or None where it does not)."""
+    forward = adapter.ffn_in_chunks(block, FFN_CHUNK_TOKENS)
+    if forward is None:
+        yield None
+        return
+    module = block.get_submodule(adapter.ffn.module)
+    module.forward = forward
+    try:
+        yield module
+    finally:
+        del module.forward  # the class's own forward again
+
+
 def _prune_block(adapter, index, layers, method, options, hidden, calls, config, compute_dtype, model_dtype):
     block = adapter.blocks[index]
     prefix = adapter.block_prefix(index)
@@ -464,9 +484,6 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
             )
 
     one_pass = len(hidden) == 1
-    dense_outputs = None
-    if one_pass and config.propagate == "dense":
-        dense_outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
 
     def make_hook(pruner):
         def hook(module, args):
@@ -477,19 +494,26 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
                 pruner.prune()
         return hook
 
-    # every member of a group reads the same tensor: hook the first one only
-    handles = [modules[g.names[0]].register_forward_pre_hook(make_hook(g)) for g in groups]
-    try:
-        outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
-    finally:
-        for h in handles:
-            h.remove()
-    if not one_pass:
-        for g in groups:
-            g.prune()
-        dense_outputs = outputs if config.propagate == "dense" else None
-        if config.propagate == "pruned":
+    dense_outputs = None
+    with _ffn_in_chunks(adapter, block) as ffn_module:
+        if one_pass and config.propagate == "dense":
+            dense_outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
+        # every member of a group reads the same tensor: hook the first one only; the FFN's input
+        # group on the FFN module itself, which still receives every token at once
+        ffn_inputs = (adapter.ffn.gate, adapter.ffn.up) if ffn_module is not None else ()
+        handles = [(ffn_module if g.names[0] in ffn_inputs else modules[g.names[0]]).register_forward_pre_hook(
+            make_hook(g)) for g in groups]
+        try:
             outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
+        finally:
+            for h in handles:
+                h.remove()
+        if not one_pass:
+            for g in groups:
+                g.prune()
+            dense_outputs = outputs if config.propagate == "dense" else None
+            if config.propagate == "pruned":
+                outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
     for g in groups:
         if g.pruned is None:
             raise ModelError(f"{prefix}.{g.names[0]} was never called in the block's forward: fix the adapter")

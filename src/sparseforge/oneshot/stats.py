@@ -6,6 +6,9 @@ import torch
 
 from ..errors import NumericalError
 
+#: tokens per chunk of the squared-norm sums (1024 x 1536 floats = 6 MiB: stays in cache and in the heap)
+SQ_CHUNK_ROWS = 1024
+
 
 class InputStats:
     """Running sums over the tokens that enter one layer (or a group sharing one input).
@@ -30,7 +33,10 @@ class InputStats:
             self._xtx.addmm_(x.T, x)
             summary = self._xtx.diagonal()
         else:
-            self._sq.add_(x.square().sum(dim=0))
+            # in row chunks: squaring all tokens at once allocates a fresh tensor as large as x
+            # (page faults on every page) and streams it through memory twice; ~6x slower
+            for part in x.split(SQ_CHUNK_ROWS):
+                self._sq.add_(part.square().sum(dim=0))
             summary = self._sq
         # a NaN or inf anywhere in x reaches the diagonal: checking it is cheap, checking x is not
         if not torch.isfinite(summary).all():
