@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sparseforge.errors import PatternError
-from sparseforge.sparsity import Pattern, detect_nm, pattern_mask, satisfies
+from sparseforge.sparsity import Pattern, detect_nm, pattern_mask, prune_count, satisfies
 from sparseforge.sparsity.masks import nm_mask, satisfies_nm, unstructured_mask
 
 
@@ -67,3 +67,26 @@ def test_pattern_mask_dispatch():
     scores = torch.rand(4, 8)
     assert pattern_mask(scores, Pattern.parse("2:4")).sum() == 16
     assert pattern_mask(scores, Pattern.parse("0.25")).sum() == 8
+
+
+def test_per_row_mask_breaks_ties_at_the_threshold_by_position():
+    # row 0: 3 of 6 pruned; the value 2 ties three times at the threshold, the first two go
+    # row 1: no tie at the threshold (the fast path)
+    scores = torch.tensor([[1.0, 2.0, 2.0, 4.0, 2.0, 3.0], [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    assert unstructured_mask(scores, 0.5, per_row=True).tolist() == [
+        [True, True, True, False, False, False], [False, False, False, True, True, True]]
+
+
+def test_per_row_mask_counts_with_and_without_ties():
+    torch.manual_seed(0)
+    continuous = torch.rand(37, 50)
+    tied = (continuous * 4).floor()  # values 0..3: many ties at every threshold
+    for scores in (continuous, tied):
+        for sparsity in (0.3, 0.5, 0.7):
+            mask = unstructured_mask(scores, sparsity, per_row=True)
+            bounds = [prune_count(r * 50, sparsity) for r in range(38)]
+            assert mask.sum(dim=1).tolist() == [b - a for a, b in zip(bounds, bounds[1:])]
+            # every pruned score is at most every kept score of its row
+            pruned_max = torch.where(mask, scores, -torch.inf).amax(dim=1)
+            kept_min = torch.where(mask, torch.inf, scores).amin(dim=1)
+            assert (pruned_max <= kept_min).all()

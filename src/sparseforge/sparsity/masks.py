@@ -60,6 +60,10 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
         upper = torch.kthvalue(scores, k + 1, dim=1).values
         thresholds = torch.where(counts > k, upper, thresholds)
     thresholds = thresholds[:, None]
+    # the usual case: no ties at the threshold, so "at most the threshold" is each row's count exactly
+    mask = scores <= thresholds
+    if torch.equal(mask.sum(dim=1), counts):
+        return mask
     mask = scores < thresholds
     # ties at the threshold: the first ones by position, up to each row's count
     ties = scores == thresholds
