@@ -63,6 +63,26 @@ def test_one_pass_and_two_pass_agree_on_the_first_group(calib_windows):
     assert torch.allclose(q[0], q[1], atol=1e-5)
 
 
+def test_two_pass_statistics_pass_stops_at_the_last_group(calib_windows):
+    """The statistics pass ends each forward at the last group's input (its outputs are not needed):
+    down_proj computes only in the output pass, and the statistics still cover every micro-batch
+    (micro-batches of 1 and of 2 windows prune alike)."""
+    pruned, calls = [], []
+    for batch_size in (1, 2):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        calls.append(0)
+        for block in get_adapter(model).blocks:
+            block.mlp.down_proj.register_forward_hook(lambda *a: calls.__setitem__(-1, calls[-1] + 1))
+        prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, batch_size=batch_size, progress=False)
+        pruned.append({n: get_weight(m).detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    n_blocks = len(get_adapter(tiny_llama()).blocks)
+    assert calls == [n_blocks * len(calib_windows), n_blocks * len(calib_windows) // 2]
+    for name in pruned[0]:
+        assert torch.equal(pruned[0][name] == 0, pruned[1][name] == 0), name
+        torch.testing.assert_close(pruned[1][name], pruned[0][name], rtol=1e-4, atol=1e-5)
+
+
 def test_sparsegpt_layer_error_below_wanda(calib_windows):
     errors = {}
     for method in ("wanda", "sparsegpt"):

@@ -217,15 +217,21 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
     return hidden, calls
 
 
-def _run_block(block, hidden, calls, compute_dtype, out_dtype):
+def _run_block(block, hidden, calls, compute_dtype, out_dtype, keep: bool = True):
+    """The block's outputs for every micro-batch; with ``keep=False`` a statistics pass, whose hooks
+    may stop each forward once the last group has its inputs, and whose outputs are not kept."""
     outputs = []
     for h, call in zip(hidden, calls):
         args, kwargs = call.args, call.kwargs
         if compute_dtype is not None:
             h, args, kwargs = h.to(compute_dtype), _cast_floats(args, compute_dtype), _cast_floats(kwargs, compute_dtype)
-        out = block(h, *args, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append(out.to(out_dtype))
+        try:
+            out = block(h, *args, **kwargs)
+        except _StopForward:
+            continue
+        if keep:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            outputs.append(out.to(out_dtype))
     return outputs
 
 
@@ -485,6 +491,10 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
 
     one_pass = len(hidden) == 1
 
+    # a statistics pass (two passes, outputs of the pruned block propagated) needs nothing after
+    # the last group's input: its hook ends the forward there
+    stop_after_last = not one_pass and config.propagate == "pruned"
+
     def make_hook(pruner):
         def hook(module, args):
             if one_pass and pruner.pruned is not None:
@@ -492,6 +502,8 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
             pruner.stats.add(args[0])
             if one_pass:
                 pruner.prune()
+            elif stop_after_last and pruner is groups[-1]:
+                raise _StopForward
         return hook
 
     dense_outputs = None
@@ -504,7 +516,7 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
         handles = [(ffn_module if g.names[0] in ffn_inputs else modules[g.names[0]]).register_forward_pre_hook(
             make_hook(g)) for g in groups]
         try:
-            outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
+            outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype, keep=not stop_after_last)
         finally:
             for h in handles:
                 h.remove()
