@@ -48,6 +48,28 @@ def test_hessian_statistics_match_dense_product():
     assert torch.allclose(stats.sq_norms, (flat**2).sum(0), atol=1e-4)
 
 
+@pytest.mark.parametrize("d", [6, 300])
+def test_hessian_from_column_blocks_is_the_symmetric_product(d, monkeypatch):
+    """Only the lower triangle is multiplied (in column blocks, here of 7 or the default); the Hessian
+    mirrors it: equal to the full product, exactly symmetric, NaN anywhere still caught."""
+    import sparseforge.oneshot.stats as stats_module
+
+    for block in (7, stats_module.GRAM_BLOCK):
+        monkeypatch.setattr(stats_module, "GRAM_BLOCK", block)
+        x = torch.randn(2, 40, d, generator=torch.Generator().manual_seed(d))
+        stats = InputStats(d, "hessian")
+        stats.add(x[:1])
+        stats.add(x[1:])
+        flat = x.reshape(-1, d).double()
+        expected = (2 * flat.T @ flat / 80).float()
+        torch.testing.assert_close(stats.hessian, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(stats.hessian, stats.hessian.T)
+        bad = torch.zeros(1, d)
+        bad[0, d - 1] = float("nan")  # the last column: in the last block
+        with pytest.raises(NumericalError):
+            stats.add(bad)
+
+
 def test_non_finite_activations_name_the_layer():
     stats = InputStats(4, "hessian", layer="model.layers.3.mlp.down_proj")
     with pytest.raises(NumericalError, match="model.layers.3.mlp.down_proj"):

@@ -8,6 +8,20 @@ from ..errors import NumericalError
 
 #: tokens per chunk of the squared-norm sums (1024 x 1536 floats = 6 MiB: stays in cache and in the heap)
 SQ_CHUNK_ROWS = 1024
+#: column block of the Gram matrix's lower triangle: X^T X is symmetric, so only the blocks on and
+#: below the diagonal are multiplied (~55-65% of the full product's time at widths 576-1536)
+GRAM_BLOCK = 256
+
+
+def add_lower_gram(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
+    """``out += X^T X`` on and below the diagonal, in column blocks; the blocks above stay as they are."""
+    block = block or GRAM_BLOCK
+    d = x.shape[1]
+    if d <= block:
+        out.addmm_(x.T, x)
+        return
+    for start in range(0, d, block):
+        out[start:, start:start + block].addmm_(x[:, start:].T, x[:, start:start + block])
 
 
 class InputStats:
@@ -30,7 +44,7 @@ class InputStats:
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float32)
         if self._xtx is not None:
-            self._xtx.addmm_(x.T, x)
+            add_lower_gram(self._xtx, x)  # the lower triangle; hessian mirrors it
             summary = self._xtx.diagonal()
         else:
             # in row chunks: squaring all tokens at once allocates a fresh tensor as large as x
@@ -56,4 +70,5 @@ class InputStats:
         """H = 2/n X X^T (the layer-wise squared-error Hessian)."""
         if self._xtx is None:
             raise ValueError("these statistics hold no Hessian")
-        return self._xtx * (2.0 / max(self.n_tokens, 1))
+        lower = self._xtx.tril()
+        return (lower + lower.tril(-1).T).mul_(2.0 / max(self.n_tokens, 1))
