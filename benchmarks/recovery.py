@@ -3,19 +3,22 @@
 
     .venv/bin/python benchmarks/recovery.py                      # the full grid
     .venv/bin/python benchmarks/recovery.py --only wanda:0.5     # one pruned model, both methods
-    .venv/bin/python benchmarks/recovery.py --reuse --only wanda:0.75 --lr-spp 0.012 --lr-lora 0.003
+    .venv/bin/python benchmarks/recovery.py --reuse --only wanda:0.75 --lr-spp 0.012 0.036 --lr-lora 0.003
                                                     # a learning-rate check beside the defaults' runs
+    .venv/bin/python benchmarks/recovery.py --steps 48 --batch-size 2   # the grid at a smaller budget
 
 For each pruning (Wanda and SparseGPT at 50%, 2:4, 75% and 2:8; the one-shot
 benchmark's 32 x 512 calibration windows) the pruned model is fine-tuned with
 SPP and with LoRA* for the same steps on the same batches of the wiki train
 split, with LoRA's rank matched to SPP's trainable parameters. Each run is its
 own process (its peak RSS is its own). Perplexity is measured on the one-shot
-benchmark's 40 held-out windows. Results: docs/results.md (recovery section),
-docs/results_recovery.json, docs/recovery_loss.png. The table is built from
-every stored run with the same steps, batch and precision: the methods'
-default learning rates in the main table, any other learning rate in the
-learning-rate check below it.
+benchmark's 40 held-out windows. Training runs in bf16 autocast where the
+CPU has native bf16 and in float32 elsewhere (``--mixed-precision auto``, the
+CLI's default). Results: docs/results.md (section ``recovery``, or
+``recovery-STEPSxBATCHxLEN`` for another budget), docs/results_recovery*.json,
+docs/recovery_loss*.png. The table is built from every stored run with the
+same steps, batch and precision: the methods' default learning rates in the
+main table, every learning rate in the learning-rate check below it.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from pathlib import Path
 
 from common import ROOT, THREADS, WORK, run_child, write_results_section
 
+from sparseforge.hardware import autocast_mixed_precision, cpu_features
 from sparseforge.methods import default_lr
 
 PRUNINGS = [(m, p) for m in ("wanda", "sparsegpt") for p in ("0.5", "2:4", "0.75", "2:8")]
 METHODS = ("spp", "lora-star")
+#: steps, batch size, sequence length of the main table (64 x 4 x 512 = 131k training tokens)
+DEFAULT_BUDGET = (64, 4, 512)
 
 
 def _torch():
@@ -60,7 +66,7 @@ def worker_prune(method: str, pattern: str) -> None:
     (WORK / f"pruned-{method}-{pattern}.json").write_text(json.dumps(result, indent=2))
 
 
-def worker_finetune(method: str, pattern: str, ft: str, args) -> None:
+def worker_finetune(method: str, pattern: str, ft: str, lr: float, args) -> None:
     torch = _torch()
     from sparseforge import load_model
     from sparseforge.eval import perplexity
@@ -69,24 +75,27 @@ def worker_finetune(method: str, pattern: str, ft: str, args) -> None:
     model, tokenizer = load_model(WORK / f"pruned-{method}-{pattern}")
     options = dict(batch_size=args.batch_size, grad_accum=1, mixed_precision=args.mixed_precision, seed=0,
                    weight_decay=1e-3, warmup=0.03)
-    if args.lr.get(ft):
-        options["lr"] = args.lr[ft]
     report = finetune(model, tokenizer, method=ft, data="wiki", steps=args.steps, seq_len=args.seq_len,
-                      evaluate=False, progress=False, **options)
+                      evaluate=False, progress=False, lr=lr, **options)
     result = report.to_dict()
     result.update(prune_method=method, prune_pattern=pattern)
     result["perplexity"] = perplexity(model, torch.load(WORK / "eval.pt"), progress=False)
-    run_path(method, pattern, ft, result["train_config"]["lr"]).write_text(json.dumps(result, indent=2))
+    run_path(method, pattern, ft, lr, args).write_text(json.dumps(result, indent=2))
 
 
-def learning_rate(ft: str, args) -> float:
-    return args.lr.get(ft) or default_lr(ft)
+def learning_rates(ft: str, args) -> list[float]:
+    """The rates to run ``ft`` at: those asked for (--lr-spp / --lr-lora), else the method's default."""
+    return args.lr.get(ft) or [default_lr(ft)]
 
 
-def run_path(method: str, pattern: str, ft: str, lr: float, suffix: str = ".json") -> Path:
-    """Where a fine-tuning run's result lives; the learning rate is part of the name, so a
-    learning-rate check (--lr-spp / --lr-lora) adds runs beside the defaults' instead of replacing them."""
-    return WORK / f"ft-{method}-{pattern}-{ft}-lr{lr:g}{suffix}"
+def budget_name(args) -> str:
+    return f"{args.steps}x{args.batch_size}x{args.seq_len}-{args.mixed_precision}"
+
+
+def run_path(method: str, pattern: str, ft: str, lr: float, args, suffix: str = ".json") -> Path:
+    """Where a fine-tuning run's result lives; the learning rate and the budget are part of the name, so a
+    learning-rate check or another budget adds runs beside the defaults' instead of replacing them."""
+    return WORK / f"ft-{method}-{pattern}-{ft}-lr{lr:g}-{budget_name(args)}{suffix}"
 
 
 def same_budget(run: dict, args) -> bool:
@@ -102,9 +111,12 @@ def recovered_fraction(dense: float, pruned: float, tuned: float) -> float:
     return (pruned - tuned) / lost if lost > 0 else float("nan")
 
 
-def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict) -> None:
+def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, args) -> None:
     docs = ROOT / "docs"
-    (docs / "results_recovery.json").write_text(
+    # the benchmark's budget keeps the plain names; another budget gets its own section, JSON and plot
+    suffix = "" if (args.steps, args.batch_size, args.seq_len) == DEFAULT_BUDGET else \
+        f"-{args.steps}x{args.batch_size}x{args.seq_len}"
+    (docs / f"results_recovery{suffix}.json").write_text(
         json.dumps({"meta": meta, "dense": dense, "rows": rows, "learning_rate_check": sweep}, indent=2) + "\n")
     lines = [
         "| pruning | pattern | pruned ppl | +SPP ppl | +LoRA* ppl | SPP recovered | LoRA* recovered "
@@ -118,7 +130,7 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict) -> 
             f"{100 * r['recovered']['spp']:.0f}% | {100 * r['recovered']['lora-star']:.0f}% | "
             f"{s['trainable']:,} / {lo['trainable']:,} ({s['per_mille']:.2f} / {lo['per_mille']:.2f}) | "
             f"{s['step_seconds']:.2f} / {lo['step_seconds']:.2f} | {s['peak_rss_mb']:.0f} / {lo['peak_rss_mb']:.0f} |")
-    plot_losses(rows, docs / "recovery_loss.png")
+    plot_losses(rows, docs / f"recovery_loss{suffix}.png")
     lines += ["", "Against the targets (computed from the rows above):", ""] + [f"- {v}" for v in verdicts(rows)]
     if sweep:
         lines += ["", "Learning-rate check (same budget and batches; `--lr-spp` / `--lr-lora` with `--only`):", "",
@@ -136,9 +148,9 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict) -> 
         f"{dense['perplexity']:.2f}. Recovered = (pruned − tuned) / (pruned − dense) perplexity. Both merged "
         "models keep the pruned zero pattern bit for bit (checked in every run). "
         f"Command: `.venv/bin/python benchmarks/recovery.py` ({meta['date']}).\n\n"
-        + "\n".join(lines) + "\n\n![training loss](recovery_loss.png)"
+        + "\n".join(lines) + f"\n\n![training loss](recovery_loss{suffix}.png)"
     )
-    write_results_section("recovery", body)
+    write_results_section(f"recovery{suffix}", body)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -196,28 +208,30 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], help="run only prunings like 'wanda:0.5'")
-    parser.add_argument("--steps", type=int, default=64, help="optimizer steps per run (64 x 4 x 512 = 131k tokens, ~8 min)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--mixed-precision", default="bf16")
-    parser.add_argument("--lr-spp", type=float, default=None)
-    parser.add_argument("--lr-lora", type=float, default=None)
+    parser.add_argument("--steps", type=int, default=DEFAULT_BUDGET[0], help="optimizer steps per run")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BUDGET[1])
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_BUDGET[2])
+    parser.add_argument("--mixed-precision", default="auto",
+                        help="auto (bf16 where the CPU has it natively, else float32), no, bf16")
+    parser.add_argument("--lr-spp", type=float, nargs="+", default=None, help="SPP learning rates to run")
+    parser.add_argument("--lr-lora", type=float, nargs="+", default=None, help="LoRA* learning rates to run")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs from a previous invocation")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.mixed_precision = autocast_mixed_precision(args.mixed_precision)  # the stored runs name what ran
     args.lr = {"spp": args.lr_spp, "lora-star": args.lr_lora}
     if args.worker:
         kind, method, pattern, *rest = args.worker
-        worker_prune(method, pattern) if kind == "prune" else worker_finetune(method, pattern, rest[0], args)
+        if kind == "prune":
+            worker_prune(method, pattern)
+        else:
+            worker_finetune(method, pattern, rest[0], float(rest[1]), args)
         return 0
     if not (WORK / "prepare.json").exists():
         raise SystemExit("run `benchmarks/oneshot.py --suite foundation --only dense` first: it prepares the windows")
     me = [sys.executable, str(Path(__file__).resolve())]
     shared = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
               "--mixed-precision", args.mixed_precision]
-    for ft, value in (("spp", args.lr_spp), ("lora", args.lr_lora)):
-        if value:
-            shared += [f"--lr-{ft}", str(value)]
     dense = json.loads((WORK / "dense:-:-.json").read_text())
     for method, pattern in PRUNINGS:
         if args.only and f"{method}:{pattern}" not in args.only:
@@ -227,27 +241,28 @@ def main() -> int:
             run_child(me + ["--worker", "prune", method, pattern], WORK / f"pruned-{method}-{pattern}.log")
         pruned = json.loads(done.read_text())
         for ft in METHODS:
-            lr = learning_rate(ft, args)
-            out = run_path(method, pattern, ft, lr)  # the name holds the learning rate; the budget is checked
-            if not (args.reuse and out.exists() and same_budget(json.loads(out.read_text()), args)):
-                started = time.perf_counter()
-                run_child(me + ["--worker", "finetune", method, pattern, ft] + shared, run_path(method, pattern, ft, lr, ".log"))
-                print(f"{method}:{pattern}:{ft} done in {time.perf_counter() - started:.0f}s", flush=True)
-            r = json.loads(out.read_text())
-            if not r["pattern"]["identical"]:
-                raise SystemExit(f"{ft} changed the zero pattern of {method}:{pattern}")
-            tuned = r["perplexity"]["perplexity"]
-            print(f"  {method}:{pattern}:{ft} lr {r['train_config']['lr']:g}: pruned {pruned['perplexity']:.2f} -> "
-                  f"{tuned:.2f} (recovered {100 * recovered_fraction(dense['perplexity'], pruned['perplexity'], tuned):.0f}%), "
-                  f"step {r['median_step_seconds']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+            for lr in learning_rates(ft, args):
+                out = run_path(method, pattern, ft, lr, args)
+                if not (args.reuse and out.exists()):
+                    started = time.perf_counter()
+                    run_child(me + ["--worker", "finetune", method, pattern, ft, repr(lr)] + shared,
+                              run_path(method, pattern, ft, lr, args, ".log"))
+                    print(f"{method}:{pattern}:{ft} lr {lr:g} done in {time.perf_counter() - started:.0f}s", flush=True)
+                r = json.loads(out.read_text())
+                if not r["pattern"]["identical"]:
+                    raise SystemExit(f"{ft} changed the zero pattern of {method}:{pattern}")
+                tuned = r["perplexity"]["perplexity"]
+                print(f"  {method}:{pattern}:{ft} lr {lr:g}: pruned {pruned['perplexity']:.2f} -> {tuned:.2f} "
+                      f"(recovered {100 * recovered_fraction(dense['perplexity'], pruned['perplexity'], tuned):.0f}%), "
+                      f"step {r['median_step_seconds']:.2f}s, peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
     # the docs are rebuilt from every stored run with these settings, whatever this invocation ran
     rows, sweep = collect(dense, args)
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-            "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "tokens": args.steps * args.batch_size * args.seq_len, "mixed_precision": args.mixed_precision,
-            "lr": {ft: default_lr(ft) for ft in METHODS}}
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "cpu": cpu_features(),
+            "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "tokens": args.steps * args.batch_size * args.seq_len,
+            "mixed_precision": args.mixed_precision, "lr": {ft: default_lr(ft) for ft in METHODS}}
     if rows:
-        write_docs(rows, sweep, dense, meta)
+        write_docs(rows, sweep, dense, meta, args)
     return 0
 
 
