@@ -138,8 +138,11 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, arg
         lines += [f"| {s['prune_method']} | {s['pattern']} | {s['method']} | {s['lr']:g} | {s['perplexity']:.2f} | "
                   f"{100 * s['recovered']:.0f}% |" for s in sorted(sweep, key=lambda s: (s["prune_method"], s["pattern"],
                                                                                           s["method"], s["lr"]))]
+    flags = "" if not suffix else f" --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len}"
+    title = "" if not suffix else f", {args.steps} steps of {args.batch_size} x {args.seq_len} tokens"
+    missing = [f"{m} {p}" for m, p in PRUNINGS if not any(r["prune_method"] == m and r["pattern"] == p for r in rows)]
     body = (
-        "## Recovery fine-tuning: SPP vs LoRA* (SmolLM2-135M)\n\n"
+        f"## Recovery fine-tuning: SPP vs LoRA* (SmolLM2-135M{title})\n\n"
         f"Machine: {meta['machine']}, {THREADS} threads. Each pruned model is fine-tuned for {meta['steps']} steps of "
         f"{meta['batch_size']} x {meta['seq_len']} tokens ({meta['tokens']:,} training tokens) of the wiki train split, "
         f"the same batches for both methods, AdamW, 3% warm-up then cosine decay, weight decay 1e-3, "
@@ -147,7 +150,8 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, arg
         "trainable parameters (r = 16 row blocks). Perplexity on the one-shot benchmark's held-out windows; dense "
         f"{dense['perplexity']:.2f}. Recovered = (pruned − tuned) / (pruned − dense) perplexity. Both merged "
         "models keep the pruned zero pattern bit for bit (checked in every run). "
-        f"Command: `.venv/bin/python benchmarks/recovery.py` ({meta['date']}).\n\n"
+        f"Command: `.venv/bin/python benchmarks/recovery.py{flags}` ({meta['date']}). "
+        + (f"Not run yet at this budget: {', '.join(missing)}.\n\n" if missing else "\n\n")
         + "\n".join(lines) + f"\n\n![training loss](recovery_loss{suffix}.png)"
     )
     write_results_section(f"recovery{suffix}", body)
