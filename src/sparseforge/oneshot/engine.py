@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 #: largest transient of a one-pass block
 FFN_CHUNK_TOKENS = 2048
 
+
 @dataclass
 class OneShotConfig:
     """Settings of a one-shot pruning run. Every field is a CLI option of ``sparseforge prune``."""

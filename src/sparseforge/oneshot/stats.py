@@ -13,9 +13,9 @@ SQ_CHUNK_ROWS = 1024
 GRAM_BLOCK = 256
 
 
-def add_lower_gram(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
+def add_lower_gram(out: torch.Tensor, x: torch.Tensor) -> None:
     """``out += X^T X`` on and below the diagonal, in column blocks; the blocks above stay as they are."""
-    block = block or GRAM_BLOCK
+    block = GRAM_BLOCK  # read at call time (tests set a small block)
     d = x.shape[1]
     if d <= block:
         out.addmm_(x.T, x)
