@@ -373,10 +373,16 @@ def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None
     write_results_section(suite, body)
 
 
+def _matches(only: str, key: str) -> bool:
+    return key.endswith(only[:-1]) if only.endswith("$") else only in key
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="foundation")
-    parser.add_argument("--only", action="append", default=[], help="run only keys containing this, e.g. sparsegpt:0.5")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only keys containing this, e.g. sparsegpt:0.5; end it with $ to match the key's end "
+                             "(sparseforge:sparsegpt:0.5$ leaves out the bfloat16 and b4 variants)")
     parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs from a previous invocation")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -397,7 +403,15 @@ def main() -> int:
     if not peer_ok and not args.no_peer and args.suite == "foundation":
         print("llm-compressor venv missing: run `make bench-peer` to compare with it; skipping the peer", flush=True)
     configs = [c for c in SUITES[args.suite]
-               if (c[0] != "llmcompressor" or peer_ok) and (not args.only or any(o in run_key(*c) for o in args.only))]
+               if (c[0] != "llmcompressor" or peer_ok) and (not args.only or any(_matches(o, run_key(*c)) for o in args.only))]
+    from sparseforge.hardware import cpu_features
+
+    if not cpu_features()["native_bf16"]:
+        skipped = [run_key(*c) for c in configs if c[3] == "bfloat16"]
+        if skipped:
+            print(f"this CPU has no native bfloat16 (emulated: ~10x slower than float32): skipping {', '.join(skipped)}",
+                  flush=True)
+        configs = [c for c in configs if c[3] != "bfloat16"]
     results, dense = [], None
     for config in [("dense", "-", "-")] + configs:
         key = run_key(*config)

@@ -184,29 +184,66 @@ def test_ffn_in_chunks_matches_the_ffn_modules_own_forward(tiny_model):
         torch.testing.assert_close(chunked(x), block.get_submodule(adapter.ffn.module)(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "sparsellm"])
-def test_chunked_ffn_prunes_as_the_whole_forward(calib_windows, monkeypatch, method):
-    """The engine's token-chunked FFN (a memory saving) changes neither the masks nor the weights:
-    the FFN's input group is still pruned from every token's statistics before any chunk runs."""
+def _pruned_linears(model_fn, method, calib, monkeypatch, chunk_tokens):
+    """Prune a fresh seeded model; ``chunk_tokens=None``: the stock one-call forward of each block
+    (no chunked branches, no chunked FFN), else the chunked path with chunks of that many tokens."""
     import sparseforge.oneshot.engine as engine
     from sparseforge.models.base import ModelAdapter
 
-    def pruned(chunk_tokens):
-        torch.manual_seed(0)
-        model = tiny_llama().eval()
-        if chunk_tokens is None:
-            monkeypatch.setattr(ModelAdapter, "ffn_in_chunks", lambda self, block, n: None)
-        else:
-            monkeypatch.setattr(engine, "FFN_CHUNK_TOKENS", chunk_tokens)
-        prune(model, method=method, sparsity=0.6, calibration=calib_windows, progress=False)
-        monkeypatch.undo()
-        return {n: get_weight(m).detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    torch.manual_seed(0)
+    model = model_fn().eval()
+    adapter_cls = type(get_adapter(model))
+    if chunk_tokens is None:
+        monkeypatch.setattr(ModelAdapter, "ffn_in_chunks", lambda self, block, n: None)
+        monkeypatch.setattr(adapter_cls, "residual_branches", ())
+    else:
+        monkeypatch.setattr(engine, "CHUNK_TOKENS", chunk_tokens)
+    prune(model, method=method, sparsity=0.6, calibration=calib, progress=False)
+    monkeypatch.undo()
+    return {n: get_weight(m).detach() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
 
-    whole, chunked = pruned(None), pruned(10)  # 4 x 32 tokens in chunks of 10
-    # float rounding of the chunked products only. SparseLLM's least-squares iterations amplify it,
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "sparsegpt"), ("llama", "wanda"), ("llama", "sparsellm"),
+                                                ("gpt2", "sparsegpt")])
+@pytest.mark.parametrize("chunk_tokens", [32, 64])  # windows of 32 tokens: chunks of 1 and of 2 windows
+def test_chunked_block_prunes_as_the_whole_forward(calib_windows, monkeypatch, family, method, chunk_tokens):
+    """The engine's one-pass path that runs a block branch by branch in chunks of windows (a memory
+    saving) changes neither the masks nor the weights: every group is still pruned from every token's
+    statistics before any token goes past it, and the block's output is the same."""
+    from tiny import TINY_MODELS
+
+    whole = _pruned_linears(TINY_MODELS[family], method, calib_windows, monkeypatch, None)
+    chunked = _pruned_linears(TINY_MODELS[family], method, calib_windows, monkeypatch, chunk_tokens)
+    # float rounding of the chunked sums only. SparseLLM's least-squares iterations amplify it,
     # and its choice of iterate is a comparison, so from block 1 on (inputs that differ by rounding)
     # it may choose another: its first block, whose inputs are identical, is compared
-    atol = 1e-5 if method == "sparsegpt" else 1e-4
-    for name in whole if method == "sparsegpt" else [n for n in whole if n.startswith("model.layers.0.")]:
+    atol = 1e-4 if method == "sparsellm" else 1e-5
+    names = [n for n in whole if ".0." in n] if method == "sparsellm" else list(whole)
+    for name in names:
         assert torch.equal(whole[name] == 0, chunked[name] == 0), name
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-3, atol=atol)
+
+
+def test_chunked_path_runs_the_block_a_window_chunk_at_a_time(calib_windows, monkeypatch):
+    """The one-pass default takes the chunked path where the adapter allows: every call into the
+    attention sees at most one chunk of windows (the stock path would call it once with all four)."""
+    import sparseforge.oneshot.engine as engine
+
+    monkeypatch.setattr(engine, "CHUNK_TOKENS", 64)  # 2 windows of 32 tokens
+    model = tiny_llama().eval()
+    batches = []
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, args: batches.append(args[0].shape[0]))
+    prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, progress=False)
+    handle.remove()
+    assert batches and max(batches) == 2, batches
+
+
+def test_chunked_path_names_a_layer_outside_every_branch(calib_windows, monkeypatch):
+    from sparseforge.models.base import ResidualBranch
+    from sparseforge.models.families import LlamaAdapter
+
+    monkeypatch.setattr(LlamaAdapter, "residual_branches", (ResidualBranch("input_layernorm", "self_attn", True),))
+    with pytest.raises(ModelError, match="mlp.gate_proj.*no residual branch"):
+        prune(tiny_llama().eval(), method="sparsegpt", sparsity=0.5, calibration=calib_windows, progress=False)

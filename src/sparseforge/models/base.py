@@ -70,6 +70,21 @@ class AttentionSpec:
         return self.num_heads // self.num_kv_heads
 
 
+@dataclass(frozen=True)
+class ResidualBranch:
+    """One residual branch of a pre-norm block: ``x = x + module(norm(x))``.
+
+    Names are relative to the block. With ``block_kwargs`` the module is called with the keyword
+    arguments the block was called with (attention: position embeddings, mask); its output, or
+    the first element of a tuple, is what is added. The branch's output is its last linear
+    layer's output: nothing follows that layer but dropout (identity in eval mode).
+    """
+
+    norm: str
+    module: str
+    block_kwargs: bool = False
+
+
 @runtime_checkable
 class ReparametrisedLinear(Protocol):
     """A linear layer whose weight is computed from other parameters (LoSparse's U V + S, a compact layer).
@@ -136,6 +151,10 @@ class ModelAdapter:
     #: grouped so that every member of a group reads the same input tensor
     linear_groups: tuple[tuple[str, ...], ...] = ()
     ffn: FFNSpec | None = None
+    #: set where a block's forward in eval mode is exactly these branches in order and nothing else
+    #: (pre-norm decoders); lets one-pass pruning run the block in token chunks. Empty elsewhere:
+    #: post-norm encoders (BERT), OPT (its FFN is not one module)
+    residual_branches: tuple[ResidualBranch, ...] = ()
     #: causal decoder (LM head, KV cache) or bidirectional encoder
     causal: bool = True
     #: where the blocks are when the model declares no ``_no_split_modules`` (suffix of a module path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ModelError
-from .base import AttentionSpec, FFNSpec, ModelAdapter
+from .base import AttentionSpec, FFNSpec, ModelAdapter, ResidualBranch
 
 
 class LlamaAdapter(ModelAdapter):
@@ -20,6 +20,8 @@ class LlamaAdapter(ModelAdapter):
     )
     ffn = FFNSpec(activation="silu_gated", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
                   act="mlp.act_fn", module="mlp")
+    residual_branches = (ResidualBranch("input_layernorm", "self_attn", block_kwargs=True),
+                         ResidualBranch("post_attention_layernorm", "mlp"))
 
     def attention(self) -> AttentionSpec:
         c = self.model.config
@@ -53,6 +55,7 @@ class GPT2Adapter(ModelAdapter):
     model_types = ("gpt2",)
     linear_groups = (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",))
     ffn = FFNSpec(activation="gelu", up="mlp.c_fc", down="mlp.c_proj", act="mlp.act", module="mlp")
+    residual_branches = (ResidualBranch("ln_1", "attn", block_kwargs=True), ResidualBranch("ln_2", "mlp"))
 
     def attention(self) -> AttentionSpec:
         c = self.model.config

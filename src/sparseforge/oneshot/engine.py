@@ -9,7 +9,10 @@ When all calibration windows fit one forward call (``batch_size`` unset, the
 default) each block runs *once*: a pre-hook on the first layer of each group
 gathers statistics from the full calibration input and prunes the group before
 it computes, so later groups see the outputs of already-pruned ones (the
-"true sequential" order) at half the forward cost. With micro-batches the
+"true sequential" order) at half the forward cost. For pre-norm families
+(the adapter's ``residual_branches``) that pass runs branch by branch over a
+few windows at a time (chunked.py), so no full-size intermediate of all
+calibration tokens exists at once. With micro-batches the
 statistics must be summed over several calls, so the block runs twice:
 statistics pass, prune, output pass.
 """
@@ -33,16 +36,17 @@ from ..measure import release_free_memory
 from ..models import get_adapter, get_weight, in_features, set_weight
 from ..sparsity.masks import sparsity_of
 from ..sparsity.pattern import Pattern
+from .chunked import block_keywords, prune_block_in_chunks
 from .methods import get_method
 from .sparsellm import DEFAULT_AUX_TOKENS
 from .stats import InputStats
 
 log = logging.getLogger(__name__)
 
-#: tokens per chunk of the FFN intermediate while a block is pruned (2048 x 1536 floats = 12 MiB
-#: for SmolLM2): the gate/up/activation temporaries of all calibration tokens at once were the
-#: largest transient of a one-pass block
-FFN_CHUNK_TOKENS = 2048
+#: tokens per chunk while a block is pruned in one pass (whole windows: 4 x 512 for SmolLM2; its FFN
+#: intermediate of 2048 x 1536 floats = 12 MiB): the temporaries of all calibration tokens at once
+#: were the largest transient of a one-pass block
+CHUNK_TOKENS = 2048
 
 
 @dataclass
@@ -448,7 +452,7 @@ def _prune_without_data(adapter, index, layers, method, options) -> list[LayerRe
 def _ffn_in_chunks(adapter, block):
     """While pruning a block, run its FFN intermediate in token chunks where the family allows
     (yields the FFN module, or None where it does not)."""
-    forward = adapter.ffn_in_chunks(block, FFN_CHUNK_TOKENS)
+    forward = adapter.ffn_in_chunks(block, CHUNK_TOKENS)
     if forward is None:
         yield None
         return
@@ -507,6 +511,20 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
                 raise _StopForward
         return hook
 
+    keywords = block_keywords(block, calls[0].args, calls[0].kwargs) if one_pass else None
+    if keywords is not None and config.propagate == "pruned" and adapter.residual_branches:
+        # the memory-lean path: the block branch by branch, a few windows at a time
+        x = hidden[0] if compute_dtype is None else hidden[0].to(compute_dtype)
+        hidden.clear()  # the input becomes the output in place; no second reference keeps it
+        chunk_windows = max(1, CHUNK_TOKENS // x.shape[1])
+        if compute_dtype is not None:
+            keywords = _cast_floats(keywords, compute_dtype)
+        out = prune_block_in_chunks(block, adapter.residual_branches, adapter.linear_names, x, keywords,
+                                    groups, chunk_windows)
+        outputs = [out.to(model_dtype)]
+        del x, out
+        return _finish_block(block, prefix, modules, groups, joint, snapshot, model_dtype, outputs)
+
     dense_outputs = None
     with _ffn_in_chunks(adapter, block) as ffn_module:
         if one_pass and config.propagate == "dense":
@@ -527,6 +545,12 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
             dense_outputs = outputs if config.propagate == "dense" else None
             if config.propagate == "pruned":
                 outputs = _run_block(block, hidden, calls, compute_dtype, model_dtype)
+    return _finish_block(block, prefix, modules, groups, joint, snapshot, model_dtype,
+                         dense_outputs if config.propagate == "dense" else outputs)
+
+
+def _finish_block(block, prefix, modules, groups, joint, snapshot, model_dtype, outputs):
+    """Check every group was pruned, restore the block's own dtype, and collect the results."""
     for g in groups:
         if g.pruned is None:
             raise ModelError(f"{prefix}.{g.names[0]} was never called in the block's forward: fix the adapter")
@@ -539,4 +563,4 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
                 set_weight(modules[name], g.pruned[name])
     results = [r for g in groups for r in g.results()]
     details = {f"{prefix}.ffn": joint.log} if joint is not None else {}
-    return results, (dense_outputs if config.propagate == "dense" else outputs), details
+    return results, outputs, details

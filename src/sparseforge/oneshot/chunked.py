@@ -1,0 +1,139 @@
+"""One-pass pruning of a pre-norm block, a few calibration windows at a time.
+
+A one-pass forward of all calibration tokens at once holds every full-size
+intermediate of the block together (query, key, value, attention output, the
+wide FFN intermediate, the residual sums): that transient, not the model, set
+the peak memory. Here the block runs branch by branch (``x += module(norm(x))``,
+the adapter's ``residual_branches``) and each branch in chunks of windows,
+while keeping the true-sequential order: a group of layers gathers its
+statistics from *every* token, then is pruned, before any token goes past it.
+
+For each group of a branch, in execution order, the branch runs chunk by chunk
+up to the group's first layer, where a hook adds the chunk to the statistics
+and stops the call; the prefix before a group is cheap except for the last
+group (attention before o_proj, gate/up before down_proj). The last group's
+input is kept, so the branch's output is that layer applied to it: no part of
+the branch runs twice. Kept are the attention output (hidden-size) and the FFN
+intermediate (~2.7x hidden-size: 96 MiB for SmolLM2's 16k calibration tokens),
+each alone beside the residual stream. Where the last group is more than one
+layer (SparseLLM's joint FFN) the branch runs once more after pruning. The
+residual stream is updated in place: the block's input tensor becomes its
+output.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from ..models.base import ResidualBranch
+
+
+class _StopBranch(Exception):
+    pass
+
+
+def slice_windows(obj, start: int, stop: int, n_windows: int):
+    """``obj`` (a block keyword argument) restricted to windows ``start:stop``: tensors of two or more
+    dimensions whose first is the window count are sliced; the rest (shared rotary tables of batch 1,
+    1-D positions, flags) pass as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.dim() >= 2 and obj.shape[0] == n_windows else obj
+    if isinstance(obj, tuple):
+        return tuple(slice_windows(o, start, stop, n_windows) for o in obj)
+    if isinstance(obj, list):
+        return [slice_windows(o, start, stop, n_windows) for o in obj]
+    if isinstance(obj, dict):
+        return {k: slice_windows(v, start, stop, n_windows) for k, v in obj.items()}
+    return obj
+
+
+def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """The block's arguments after the hidden states, all by name (GPT-2's model passes some by
+    position), without those left at None; None if they do not bind to the block's signature."""
+    try:
+        bound = inspect.signature(block.forward).bind(None, *args, **kwargs)
+    except TypeError:
+        return None
+    named = {}
+    for position, (name, value) in enumerate(bound.arguments.items()):
+        param = bound.signature.parameters[name]
+        if position == 0:
+            continue  # the hidden states
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        else:
+            named[name] = value
+    return {k: v for k, v in named.items() if v is not None}
+
+
+def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None) -> torch.Tensor:
+    out = module(x, **kwargs) if kwargs is not None else module(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...], linear_names: list[str],
+                          hidden: torch.Tensor, kwargs: dict, groups: list, chunk_windows: int) -> torch.Tensor:
+    """Prune ``groups`` (objects with ``names``, ``stats.add`` and ``prune()``, in execution order) and
+    return the pruned block's output, computed in place in ``hidden`` (windows x tokens x width)."""
+    n_windows = hidden.shape[0]
+    spans = [(s, min(s + chunk_windows, n_windows)) for s in range(0, n_windows, chunk_windows)]
+    chunk_kwargs = [slice_windows(kwargs, s, e, n_windows) for s, e in spans]
+    claimed = set()
+    for branch in branches:
+        prefix = branch.module + "."
+        mine = [g for g in groups if g.names[0].startswith(prefix)]
+        claimed.update(id(g) for g in mine)
+        last_linear = [n for n in linear_names if n.startswith(prefix)][-1]
+        _prune_branch(block, branch, mine, last_linear, hidden, spans, chunk_kwargs)
+    stray = [g.names[0] for g in groups if id(g) not in claimed]
+    if stray:
+        raise ModelError(f"{', '.join(stray)} lie in no residual branch of the adapter: fix the adapter")
+    return hidden
+
+
+def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str, hidden: torch.Tensor,
+                  spans: list[tuple[int, int]], chunk_kwargs: list[dict]) -> None:
+    """Prune the branch's groups in order, then add the pruned branch's output to ``hidden``."""
+    norm, module = block.get_submodule(branch.norm), block.get_submodule(branch.module)
+
+    def run(i: int) -> torch.Tensor:
+        s, e = spans[i]
+        return _call(module, norm(hidden[s:e]), chunk_kwargs[i] if branch.block_kwargs else None)
+
+    kept: list[torch.Tensor] | None = None
+    for position, group in enumerate(groups):
+        keep = position == len(groups) - 1 and list(group.names) == [last_linear]
+        kept = [] if keep else None
+        seen = [0]
+
+        def gather(mod, args, group=group, kept=kept, seen=seen):
+            group.stats.add(args[0])
+            seen[0] += 1
+            if kept is not None:
+                kept.append(args[0])
+            raise _StopBranch
+
+        handle = block.get_submodule(group.names[0]).register_forward_pre_hook(gather)
+        try:
+            for i in range(len(spans)):
+                try:
+                    run(i)
+                except _StopBranch:
+                    pass
+        finally:
+            handle.remove()
+        if seen[0] != len(spans):
+            raise ModelError(f"{group.names[0]} was not called in every chunk of '{branch.module}': fix the adapter")
+        group.prune()
+    for i, (s, e) in enumerate(spans):
+        out = block.get_submodule(last_linear)(kept[i]) if kept is not None else run(i)
+        hidden[s:e] += out
+        if kept is not None:
+            kept[i] = None  # free the chunk as soon as it is used
