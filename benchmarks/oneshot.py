@@ -343,7 +343,11 @@ def write_docs(suite: str, results: list[dict], dense: dict, meta: dict) -> None
         f"Command: `.venv/bin/python benchmarks/oneshot.py --suite {suite}` ({meta['date']}).\n\n"
     )
     if suite == "foundation":
-        body = ("## One-shot pruning of SmolLM2-135M: sparseforge vs llm-compressor\n\n" + setup
+        cpu = meta.get("cpu", {})
+        no_bf16 = ("" if cpu.get("native_bf16", True) else
+                   f"This CPU ({cpu.get('torch_capability')}) has no native bfloat16, so the rows with bfloat16 forwards "
+                   "are left out (emulated bf16 runs ~10x slower than float32). ")
+        body = ("## One-shot pruning of SmolLM2-135M: sparseforge vs llm-compressor\n\n" + setup + no_bf16
                 + "GFLOP/s counts block forwards, Hessian products and SparseGPT updates over the pruning wall time.\n\n"
                 + fmt_table(results, dense))
     elif suite == "sparsellm":
@@ -429,7 +433,7 @@ def main() -> int:
             dense = r
         else:
             results.append(r)
-    meta.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"))
+    meta.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"), cpu=cpu_features())
     if not args.only:
         write_docs(args.suite, results, dense, meta)
     print(fmt_table(results, dense))

@@ -111,11 +111,19 @@ def recovered_fraction(dense: float, pruned: float, tuned: float) -> float:
     return (pruned - tuned) / lost if lost > 0 else float("nan")
 
 
-def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, args) -> None:
-    docs = ROOT / "docs"
-    # the benchmark's budget keeps the plain names; another budget gets its own section, JSON and plot
+def section_suffix(args) -> str:
+    """The benchmark's budget in bf16 (where it was first run) keeps the plain names; another budget or
+    precision gets its own section, JSON and plot, so runs of one never replace the other's table."""
     suffix = "" if (args.steps, args.batch_size, args.seq_len) == DEFAULT_BUDGET else \
         f"-{args.steps}x{args.batch_size}x{args.seq_len}"
+    if args.mixed_precision != "bf16":
+        suffix += "-fp32" if args.mixed_precision == "no" else f"-{args.mixed_precision}"
+    return suffix
+
+
+def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, args) -> None:
+    docs = ROOT / "docs"
+    suffix = section_suffix(args)
     (docs / f"results_recovery{suffix}.json").write_text(
         json.dumps({"meta": meta, "dense": dense, "rows": rows, "learning_rate_check": sweep}, indent=2) + "\n")
     lines = [
@@ -138,8 +146,12 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, arg
         lines += [f"| {s['prune_method']} | {s['pattern']} | {s['method']} | {s['lr']:g} | {s['perplexity']:.2f} | "
                   f"{100 * s['recovered']:.0f}% |" for s in sorted(sweep, key=lambda s: (s["prune_method"], s["pattern"],
                                                                                           s["method"], s["lr"]))]
-    flags = "" if not suffix else f" --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len}"
-    title = "" if not suffix else f", {args.steps} steps of {args.batch_size} x {args.seq_len} tokens"
+    other_budget = (args.steps, args.batch_size, args.seq_len) != DEFAULT_BUDGET
+    flags = "" if not other_budget else f" --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len}"
+    title = "" if not other_budget else f", {args.steps} steps of {args.batch_size} x {args.seq_len} tokens"
+    if args.mixed_precision != "bf16":
+        title += ", float32" if args.mixed_precision == "no" else f", {args.mixed_precision}"
+        flags += f" --mixed-precision {args.mixed_precision}"
     missing = [f"{m} {p}" for m, p in PRUNINGS if not any(r["prune_method"] == m and r["pattern"] == p for r in rows)]
     body = (
         f"## Recovery fine-tuning: SPP vs LoRA* (SmolLM2-135M{title})\n\n"
@@ -151,7 +163,7 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, arg
         f"{dense['perplexity']:.2f}. Recovered = (pruned − tuned) / (pruned − dense) perplexity. Both merged "
         "models keep the pruned zero pattern bit for bit (checked in every run). "
         f"Command: `.venv/bin/python benchmarks/recovery.py{flags}` ({meta['date']}). "
-        + (f"Not run yet at this budget: {', '.join(missing)}.\n\n" if missing else "\n\n")
+        + (f"Not run yet with these settings: {', '.join(missing)}.\n\n" if missing else "\n\n")
         + "\n".join(lines) + f"\n\n![training loss](recovery_loss{suffix}.png)"
     )
     write_results_section(f"recovery{suffix}", body)

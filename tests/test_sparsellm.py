@@ -264,3 +264,14 @@ def test_iteration_zero_is_the_engines_stacked_sparsegpt():
     stacked = sparsegpt_prune(torch.cat([problem.weights["gate"], problem.weights["up"]]), x.T @ x * (2.0 / len(x)), p,
                               block_size=32, row_splits=[64, 64])
     assert torch.equal(result.weights["gate"], stacked[:64]) and torch.equal(result.weights["up"], stacked[64:])
+
+
+def test_gram_from_the_lower_triangle_equals_the_full_product(monkeypatch):
+    import sparseforge.oneshot.stats as stats
+    from sparseforge.oneshot.sparsellm import _gram
+
+    monkeypatch.setattr(stats, "GRAM_BLOCK", 8)  # 20 columns: blocks of 8, 8 and 4
+    x = torch.randn(50, 20, generator=torch.Generator().manual_seed(0))
+    gram = _gram(x)
+    torch.testing.assert_close(gram, x.T @ x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gram, gram.T)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..errors import NumericalError
 from ..sparsity.pattern import Pattern
 from .sparsegpt import sparsegpt_prune
+from .stats import add_lower_gram
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,12 @@ def _chunked(fn, *tensors, **kwargs):
 # ------------------------------------------------------------------ linear-algebra sub-problems
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
-    return x.T @ x
+    """XᵀX from its lower triangle (about half the multiply of ``x.T @ x``), mirrored."""
+    d = x.shape[1]
+    lower = torch.zeros(d, d, dtype=x.dtype)
+    add_lower_gram(lower, x)
+    lower.tril_()
+    return lower + lower.tril(-1).T
 
 
 def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
