@@ -225,19 +225,55 @@ def test_chunked_block_prunes_as_the_whole_forward(calib_windows, monkeypatch, f
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-3, atol=atol)
 
 
-def test_chunked_path_runs_the_block_a_window_chunk_at_a_time(calib_windows, monkeypatch):
-    """The one-pass default takes the chunked path where the adapter allows: every call into the
-    attention sees at most one chunk of windows (the stock path would call it once with all four)."""
+@pytest.mark.parametrize(("family", "first_linear"), [("llama", "self_attn.q_proj"), ("gpt2", "attn.c_attn")])
+def test_chunked_path_runs_the_block_a_window_chunk_at_a_time(calib_windows, monkeypatch, family, first_linear):
+    """The one-pass default takes the chunked path where the adapter allows (GPT-2's model passes some
+    block arguments by position): every call into the attention sees at most one chunk of windows
+    (the stock path would call it once with all four)."""
     import sparseforge.oneshot.engine as engine
+    from tiny import TINY_MODELS
 
     monkeypatch.setattr(engine, "CHUNK_TOKENS", 64)  # 2 windows of 32 tokens
-    model = tiny_llama().eval()
+    model = TINY_MODELS[family]().eval()
     batches = []
-    handle = model.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+    handle = get_adapter(model).blocks[1].get_submodule(first_linear).register_forward_pre_hook(
         lambda m, args: batches.append(args[0].shape[0]))
     prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, progress=False)
     handle.remove()
     assert batches and max(batches) == 2, batches
+
+
+@pytest.mark.parametrize("skip", [("*.self_attn.o_proj", "*.mlp.down_proj"), ("*.layers.0.mlp.*",)])
+def test_chunked_branch_rerun_gives_the_blocks_output(calib_windows, monkeypatch, skip):
+    """Where a branch's last layer is skipped, or nothing in it is pruned, the chunked path runs the
+    branch again for its output: the pruned model's logits equal those of the stock forward's run."""
+    import sparseforge.oneshot.engine as engine
+    from sparseforge.models.base import ModelAdapter
+    from sparseforge.models.families import LlamaAdapter
+
+    def pruned_logits(stock):
+        torch.manual_seed(0)
+        model = tiny_llama().eval()
+        if stock:
+            monkeypatch.setattr(ModelAdapter, "ffn_in_chunks", lambda self, block, n: None)
+            monkeypatch.setattr(LlamaAdapter, "residual_branches", ())
+        else:
+            monkeypatch.setattr(engine, "CHUNK_TOKENS", 32)
+        prune(model, method="sparsegpt", sparsity=0.6, calibration=calib_windows, skip=skip, progress=False)
+        monkeypatch.undo()
+        return logits(model, calib_windows)
+
+    torch.testing.assert_close(pruned_logits(False), pruned_logits(True), rtol=1e-4, atol=1e-4)
+
+
+def test_block_keywords_refuses_a_hidden_signature():
+    from sparseforge.oneshot.chunked import block_keywords
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return args[0]
+
+    assert block_keywords(Wrapped(), (None,), {}) is None
 
 
 def test_chunked_path_names_a_layer_outside_every_branch(calib_windows, monkeypatch):

@@ -62,6 +62,8 @@ def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     for position, (name, value) in enumerate(bound.arguments.items()):
         param = bound.signature.parameters[name]
         if position == 0:
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                return None  # a signature hidden behind *args: the names of the arguments are unknown
             continue  # the hidden states
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             named.update(value)
@@ -85,16 +87,19 @@ def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...]
     n_windows = hidden.shape[0]
     spans = [(s, min(s + chunk_windows, n_windows)) for s in range(0, n_windows, chunk_windows)]
     chunk_kwargs = [slice_windows(kwargs, s, e, n_windows) for s, e in spans]
-    claimed = set()
+    plan = []  # checked before any work: a wrong adapter must fail before the residual changes
     for branch in branches:
         prefix = branch.module + "."
-        mine = [g for g in groups if g.names[0].startswith(prefix)]
-        claimed.update(id(g) for g in mine)
-        last_linear = [n for n in linear_names if n.startswith(prefix)][-1]
-        _prune_branch(block, branch, mine, last_linear, hidden, spans, chunk_kwargs)
+        linears = [n for n in linear_names if n.startswith(prefix)]
+        if not linears:
+            raise ModelError(f"residual branch '{branch.module}' holds no linear layer of the adapter: fix the adapter")
+        plan.append((branch, [g for g in groups if g.names[0].startswith(prefix)], linears[-1]))
+    claimed = {id(g) for _, mine, _ in plan for g in mine}
     stray = [g.names[0] for g in groups if id(g) not in claimed]
     if stray:
         raise ModelError(f"{', '.join(stray)} lie in no residual branch of the adapter: fix the adapter")
+    for branch, mine, last_linear in plan:
+        _prune_branch(block, branch, mine, last_linear, hidden, spans, chunk_kwargs)
     return hidden
 
 
