@@ -410,7 +410,8 @@ def main() -> int:
                if (c[0] != "llmcompressor" or peer_ok) and (not args.only or any(_matches(o, run_key(*c)) for o in args.only))]
     from sparseforge.hardware import cpu_features
 
-    if not cpu_features()["native_bf16"]:
+    cpu = cpu_features()
+    if not cpu["native_bf16"]:
         skipped = [run_key(*c) for c in configs if c[3] == "bfloat16"]
         if skipped:
             print(f"this CPU has no native bfloat16 (emulated: ~10x slower than float32): skipping {', '.join(skipped)}",
@@ -433,7 +434,7 @@ def main() -> int:
             dense = r
         else:
             results.append(r)
-    meta.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"), cpu=cpu_features())
+    meta.update(machine=f"{platform.machine()} {os.cpu_count()} cores", date=time.strftime("%Y-%m-%d"), cpu=cpu)
     if not args.only:
         write_docs(args.suite, results, dense, meta)
     print(fmt_table(results, dense))

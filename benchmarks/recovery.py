@@ -15,7 +15,8 @@ own process (its peak RSS is its own). Perplexity is measured on the one-shot
 benchmark's 40 held-out windows. Training runs in bf16 autocast where the
 CPU has native bf16 and in float32 elsewhere (``--mixed-precision auto``, the
 CLI's default). Results: docs/results.md (section ``recovery``, or
-``recovery-STEPSxBATCHxLEN`` for another budget), docs/results_recovery*.json,
+``recovery-STEPSxBATCHxLEN`` for another budget, ``-fp32`` added when not in
+bf16: see ``section_suffix``), docs/results_recovery*.json,
 docs/recovery_loss*.png. The table is built from every stored run with the
 same steps, batch and precision: the methods' default learning rates in the
 main table, every learning rate in the learning-rate check below it.

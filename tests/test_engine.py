@@ -184,22 +184,25 @@ def test_ffn_in_chunks_matches_the_ffn_modules_own_forward(tiny_model):
         torch.testing.assert_close(chunked(x), block.get_submodule(adapter.ffn.module)(x), rtol=1e-5, atol=1e-6)
 
 
-def _pruned_linears(model_fn, method, calib, monkeypatch, chunk_tokens):
-    """Prune a fresh seeded model; ``chunk_tokens=None``: the stock one-call forward of each block
-    (no chunked branches, no chunked FFN), else the chunked path with chunks of that many tokens."""
+def _prune_stock_or_chunked(model, monkeypatch, chunk_tokens, **kwargs):
+    """Prune ``model`` at 60%; ``chunk_tokens=None``: the stock one-call forward of each block (no
+    chunked branches, no chunked FFN), else the chunked path with chunks of that many tokens."""
     import sparseforge.oneshot.engine as engine
     from sparseforge.models.base import ModelAdapter
 
-    torch.manual_seed(0)
-    model = model_fn().eval()
-    adapter_cls = type(get_adapter(model))
     if chunk_tokens is None:
         monkeypatch.setattr(ModelAdapter, "ffn_in_chunks", lambda self, block, n: None)
-        monkeypatch.setattr(adapter_cls, "residual_branches", ())
+        monkeypatch.setattr(type(get_adapter(model)), "residual_branches", ())
     else:
         monkeypatch.setattr(engine, "CHUNK_TOKENS", chunk_tokens)
-    prune(model, method=method, sparsity=0.6, calibration=calib, progress=False)
+    prune(model, sparsity=0.6, progress=False, **kwargs)
     monkeypatch.undo()
+
+
+def _pruned_linears(model_fn, method, calib, monkeypatch, chunk_tokens):
+    torch.manual_seed(0)
+    model = model_fn().eval()
+    _prune_stock_or_chunked(model, monkeypatch, chunk_tokens, method=method, calibration=calib)
     return {n: get_weight(m).detach() for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
 
@@ -247,23 +250,14 @@ def test_chunked_path_runs_the_block_a_window_chunk_at_a_time(calib_windows, mon
 def test_chunked_branch_rerun_gives_the_blocks_output(calib_windows, monkeypatch, skip):
     """Where a branch's last layer is skipped, or nothing in it is pruned, the chunked path runs the
     branch again for its output: the pruned model's logits equal those of the stock forward's run."""
-    import sparseforge.oneshot.engine as engine
-    from sparseforge.models.base import ModelAdapter
-    from sparseforge.models.families import LlamaAdapter
-
-    def pruned_logits(stock):
+    def pruned_logits(chunk_tokens):
         torch.manual_seed(0)
         model = tiny_llama().eval()
-        if stock:
-            monkeypatch.setattr(ModelAdapter, "ffn_in_chunks", lambda self, block, n: None)
-            monkeypatch.setattr(LlamaAdapter, "residual_branches", ())
-        else:
-            monkeypatch.setattr(engine, "CHUNK_TOKENS", 32)
-        prune(model, method="sparsegpt", sparsity=0.6, calibration=calib_windows, skip=skip, progress=False)
-        monkeypatch.undo()
+        _prune_stock_or_chunked(model, monkeypatch, chunk_tokens, method="sparsegpt", calibration=calib_windows,
+                                skip=skip)
         return logits(model, calib_windows)
 
-    torch.testing.assert_close(pruned_logits(False), pruned_logits(True), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pruned_logits(32), pruned_logits(None), rtol=1e-4, atol=1e-4)
 
 
 def test_block_keywords_refuses_a_hidden_signature():

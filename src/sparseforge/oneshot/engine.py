@@ -495,6 +495,21 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
             )
 
     one_pass = len(hidden) == 1
+    keywords = None
+    if one_pass and config.propagate == "pruned" and adapter.residual_branches:
+        keywords = block_keywords(block, calls[0].args, calls[0].kwargs)
+    if keywords is not None:
+        # the memory-lean path: the block branch by branch, a few windows at a time
+        x = hidden[0] if compute_dtype is None else hidden[0].to(compute_dtype)
+        hidden.clear()  # the input becomes the output in place; no second reference keeps it
+        chunk_windows = max(1, CHUNK_TOKENS // x.shape[1])
+        if compute_dtype is not None:
+            keywords = _cast_floats(keywords, compute_dtype)
+        out = prune_block_in_chunks(block, adapter.residual_branches, adapter.linear_names, x, keywords,
+                                    groups, chunk_windows)
+        outputs = [out.to(model_dtype)]
+        del x, out
+        return _finish_block(block, prefix, modules, groups, joint, snapshot, model_dtype, outputs)
 
     # a statistics pass (two passes, outputs of the pruned block propagated) needs nothing after
     # the last group's input: its hook ends the forward there
@@ -510,20 +525,6 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
             elif stop_after_last and pruner is groups[-1]:
                 raise _StopForward
         return hook
-
-    keywords = block_keywords(block, calls[0].args, calls[0].kwargs) if one_pass else None
-    if keywords is not None and config.propagate == "pruned" and adapter.residual_branches:
-        # the memory-lean path: the block branch by branch, a few windows at a time
-        x = hidden[0] if compute_dtype is None else hidden[0].to(compute_dtype)
-        hidden.clear()  # the input becomes the output in place; no second reference keeps it
-        chunk_windows = max(1, CHUNK_TOKENS // x.shape[1])
-        if compute_dtype is not None:
-            keywords = _cast_floats(keywords, compute_dtype)
-        out = prune_block_in_chunks(block, adapter.residual_branches, adapter.linear_names, x, keywords,
-                                    groups, chunk_windows)
-        outputs = [out.to(model_dtype)]
-        del x, out
-        return _finish_block(block, prefix, modules, groups, joint, snapshot, model_dtype, outputs)
 
     dense_outputs = None
     with _ffn_in_chunks(adapter, block) as ffn_module:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import NumericalError
 from ..sparsity.pattern import Pattern
 from .sparsegpt import sparsegpt_prune
-from .stats import add_lower_gram
+from .stats import add_lower_gram, symmetric_from_lower
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +236,9 @@ def _chunked(fn, *tensors, **kwargs):
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """XᵀX from its lower triangle (about half the multiply of ``x.T @ x``), mirrored."""
-    d = x.shape[1]
-    lower = torch.zeros(d, d, dtype=x.dtype)
+    lower = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
     add_lower_gram(lower, x)
-    lower.tril_()
-    return lower + lower.tril(-1).T
+    return symmetric_from_lower(lower)
 
 
 def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:

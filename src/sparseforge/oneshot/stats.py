@@ -24,6 +24,13 @@ def add_lower_gram(out: torch.Tensor, x: torch.Tensor) -> None:
         out[start:, start:start + block].addmm_(x[:, start:].T, x[:, start:start + block])
 
 
+def symmetric_from_lower(lower: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose lower triangle (diagonal included) is that of ``lower``; what is
+    above its diagonal is ignored (``add_lower_gram`` leaves it as it was)."""
+    tril = lower.tril()
+    return tril + tril.tril(-1).T
+
+
 class InputStats:
     """Running sums over the tokens that enter one layer (or a group sharing one input).
 
@@ -70,5 +77,4 @@ class InputStats:
         """H = 2/n X X^T (the layer-wise squared-error Hessian)."""
         if self._xtx is None:
             raise ValueError("these statistics hold no Hessian")
-        lower = self._xtx.tril()
-        return (lower + lower.tril(-1).T).mul_(2.0 / max(self.n_tokens, 1))
+        return symmetric_from_lower(self._xtx).mul_(2.0 / max(self.n_tokens, 1))
