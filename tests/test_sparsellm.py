@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseforge import prune
+from sparseforge.oneshot import activation_solve
 from sparseforge.oneshot.sparsellm import (
     FFNProblem,
     gated_aux_step,
@@ -63,11 +64,20 @@ def test_scalar_solve_no_grid_point_is_lower(activation):
     assert (cost(t) <= best + 1e-7 * (1 + best)).all(), float((cost(t) - best).max())
 
 
+def _compile_small_chunks(monkeypatch):
+    """The compiled stages on this test's small problems: chunks of 1024 elements (the last
+    one padded), compiled whatever the size."""
+    monkeypatch.setattr(activation_solve, "CHUNK", 1024)
+    monkeypatch.setattr(activation_solve, "COMPILE_MIN_ELEMENTS", 0)
+
+
 def test_compiled_solve_equals_eager(monkeypatch):
-    a, z, m = (torch.randn(4096, generator=G) for _ in range(3))
+    a, z, m = (torch.randn(3500, generator=G) for _ in range(3))
     eager = scalar_activation_solve("silu", a, z, m, 5.0, 5.0, start=m)
+    _compile_small_chunks(monkeypatch)
     monkeypatch.setenv("SPARSEFORGE_COMPILE", "1")
     compiled = scalar_activation_solve("silu", a, z, m, 5.0, 5.0, start=m)
+    assert activation_solve._COMPILED and all(v is not k for k, v in activation_solve._COMPILED.items())
     assert torch.allclose(compiled, eager, atol=1e-5)
 
 
@@ -107,6 +117,7 @@ def test_gated_step_is_z_then_s_updates(monkeypatch):
     sig = F.silu(s)
     z = gated_z_update(mu, sig, a, 5.0, 3.0)
     s_new = scalar_activation_solve("silu", a, z, mg, 5.0, 3.0, start=s)
+    _compile_small_chunks(monkeypatch)
     for flag in ("0", "1"):
         monkeypatch.setenv("SPARSEFORGE_COMPILE", flag)
         z2, s2, h2 = gated_aux_step(a, mu, mg, s, 5.0, 3.0)

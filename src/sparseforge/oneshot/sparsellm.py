@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -30,206 +29,17 @@ import torch.nn.functional as F
 
 from ..errors import NumericalError
 from ..sparsity.pattern import Pattern
+from .activation_solve import (  # noqa: F401 (re-exported: the element-wise sub-problems)
+    gated_aux_step,
+    gated_z_update,
+    map_chunks,
+    relu_z_update,
+    scalar_activation_solve,
+)
 from .sparsegpt import sparsegpt_prune
 from .stats import add_lower_gram, symmetric_from_lower
 
 log = logging.getLogger(__name__)
-
-#: elements per chunk of the element-wise solves (keeps temporaries small)
-CHUNK = 1 << 20
-
-
-# ------------------------------------------------------------------ element-wise sub-problems
-
-def relu_z_update(a: torch.Tensor, m: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """argmin_z β(a − ReLU(z))² + α(z − m)², element-wise, in closed form (two branches)."""
-    z_off = torch.clamp(m, max=0.0)  # ReLU(z) = 0 branch: best z <= 0 is min(m, 0)
-    z_on = torch.clamp((beta * a + alpha * m) / (alpha + beta), min=0.0)  # z >= 0 branch
-
-    def cost(z):
-        return beta * (a - torch.relu(z)).square() + alpha * (z - m).square()
-
-    return torch.where(cost(z_on) <= cost(z_off), z_on, z_off)
-
-
-def _silu_derivatives(t):
-    sig = torch.sigmoid(t)
-    value = t * sig
-    d1 = sig * (1 + t * (1 - sig))
-    d2 = sig * (1 - sig) * (2 + t * (1 - 2 * sig))
-    return value, d1, d2
-
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _gelu_derivatives(t):
-    cdf = 0.5 * (1 + torch.erf(t * _SQRT_HALF))
-    pdf = torch.exp(-0.5 * t * t) * _INV_SQRT_2PI
-    return t * cdf, cdf + t * pdf, pdf * (2 - t * t)
-
-
-ACTIVATIONS_1D = {"silu": _silu_derivatives, "gelu": _gelu_derivatives}
-#: where each activation has its minimum (it is monotone on either side)
-_TURNING_POINT = {"silu": -1.2784645, "gelu": -0.7517916}
-_KNOTS = (-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)
-
-
-def scalar_activation_solve(
-    activation: str,
-    a: torch.Tensor,
-    c: torch.Tensor | float,
-    m: torch.Tensor,
-    alpha: float,
-    beta: float,
-    start: torch.Tensor | None = None,
-    iterations: int = 4,
-    grid: int = 3,
-) -> torch.Tensor:
-    """argmin_t β(a − c·φ(t))² + α(t − m)² per element, φ = SiLU or GELU (non-convex in t).
-
-    Any minimiser lies within r = sqrt(β/α)·|a − c·φ(m)| of m (its cost is at most
-    the cost at m). The solve samples m, ``start``, a grid over [m − r, m + r] and
-    fixed knots where φ bends, then refines the best sample on each side of φ's
-    minimum by ``iterations`` safeguarded Newton steps that stay on that side
-    (trust radius a quarter of the side's range; each step tried at full, half and
-    quarter length, kept only if the cost drops) and keeps the better side. The
-    cost never rises above the best sample, so never above ``start``.
-
-    Accuracy (tests and a wider check): no point of a 200,001-point grid is lower,
-    to 1e-7 relative, on 20,000 random problems with β/α ≤ 5 (SiLU with random c,
-    GELU with c = 1). A side can hold two basins; at β/α = 20 about 1 GELU
-    problem in 4,000 ends in the shallower one (cost 0.06% above the minimum).
-
-    The arithmetic is branch-free so that ``torch.compile`` fuses it into one loop
-    over the elements (tens of times faster on CPU than one pass per operation);
-    set SPARSEFORGE_COMPILE=0 to run it eagerly.
-    """
-    c = torch.as_tensor(c, dtype=a.dtype).expand_as(a)
-    start = m if start is None else start
-    return _solver()(a, c, m, start, float(alpha), float(beta), activation, iterations, grid)
-
-
-def _scalar_solve_core(a, c, m, start, alpha: float, beta: float, activation: str, iterations: int, grid: int):
-    derivatives = ACTIVATIONS_1D[activation]
-
-    def cost(t):
-        return beta * (a - c * derivatives(t)[0]).square() + alpha * (t - m).square()
-
-    radius = math.sqrt(beta / alpha) * (a - c * derivatives(m)[0]).abs()
-    lo, hi = m - radius, m + radius
-    candidates = [m, start]
-    if grid > 1:
-        candidates += [m + radius * (2 * k / (grid - 1) - 1) for k in range(grid)]
-        # the activation bends only near the origin: fixed points there catch basins
-        # that a grid over a wide bracket steps over
-        candidates += [torch.clamp(torch.full_like(m, p), lo, hi) for p in _KNOTS]
-    turn = _TURNING_POINT[activation]
-    inf = torch.full_like(m, float("inf"))
-    best = {True: (m, inf), False: (m, inf)}  # per side of the turning point: (t, cost)
-    for t in candidates:
-        f = cost(t)
-        right = t >= turn
-        for side, on_side in ((True, right), (False, ~right)):
-            best_t, best_f = best[side]
-            better = on_side & (f < best_f)
-            best[side] = (torch.where(better, t, best_t), torch.where(better, f, best_f))
-    # Newton stays on its own side: a step across the turning point could fall into the
-    # other side's basin, and that side's own best would be lost
-    (t1, f1), (t2, f2) = (
-        _newton_1d(derivatives, cost, a, c, m, alpha, beta, *best[True], torch.clamp(lo, min=turn), hi, iterations),
-        _newton_1d(derivatives, cost, a, c, m, alpha, beta, *best[False], lo, torch.clamp(hi, max=turn), iterations),
-    )
-    return torch.where(f1 <= f2, t1, t2)
-
-
-def _newton_1d(derivatives, cost, a, c, m, alpha, beta, t, f, lo, hi, iterations):
-    """Safeguarded Newton on β(a − c·φ(t))² + α(t − m)² from (t, f = cost(t)); f never rises.
-    Entries with f = inf (no start on this side) stay where they are."""
-    finite = torch.isfinite(f)
-    for _ in range(iterations):
-        value, d1, d2 = derivatives(t)
-        r = a - c * value
-        grad = -2 * beta * c * d1 * r + 2 * alpha * (t - m)
-        curv = 2 * beta * (c * d1).square() - 2 * beta * c * d2 * r + 2 * alpha
-        # a trust region of a quarter of the range: where the curvature is small or not
-        # positive (a concave stretch between basins) Newton overshoots or points nowhere
-        # useful, and a step downhill by the trust radius is what makes progress
-        radius = 0.25 * (hi - lo)
-        newton = torch.where(curv > 0, grad / curv.clamp_min(1e-30), torch.sign(grad) * radius)
-        step = torch.maximum(torch.minimum(newton, radius), -radius)
-        step = torch.where(finite, step, torch.zeros_like(step))
-        new_t, new_f = t, f
-        for fraction in (1.0, 0.5, 0.25):
-            trial = torch.clamp(t - fraction * step, lo, hi)
-            f_trial = cost(trial)
-            better = f_trial < new_f
-            new_t, new_f = torch.where(better, trial, new_t), torch.where(better, f_trial, new_f)
-        t, f = new_t, new_f
-    return t, f
-
-
-_COMPILED = {}
-
-
-def _compiled(key, core):
-    """``core`` compiled once per process, or eager where compiling is off or fails."""
-    if os.environ.get("SPARSEFORGE_COMPILE", "1") == "0":
-        return core
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(core, dynamic=True)
-    fn = _COMPILED[key]
-
-    def run(*args):
-        try:
-            return fn(*args)
-        except Exception as e:  # a missing compiler must not stop a pruning run
-            log.warning("torch.compile of the element-wise solve failed (%s); running it eagerly", e)
-            _COMPILED[key] = core
-            return core(*args)
-
-    return run
-
-
-def _solver():
-    """The compiled element-wise solve, or the eager one where compiling is off or fails."""
-    return _compiled("scalar", _scalar_solve_core)
-
-
-def _gated_step_core(a, m_up, m_gate, s, alpha: float, beta: float, iterations: int, grid: int):
-    """One pass of the gated FFN's element-wise updates: z for the current s (closed form),
-    then s for that z (1-D solve from the current s), and the new down input SiLU(s)⊙z.
-    One function so that ``torch.compile`` fuses all three into one loop over the elements."""
-    sig = s * torch.sigmoid(s)
-    z = (alpha * m_up + beta * sig * a) / (alpha + beta * sig * sig)
-    s_new = _scalar_solve_core(a, z, m_gate, s, alpha, beta, "silu", iterations, grid)
-    return z, s_new, s_new * torch.sigmoid(s_new) * z
-
-
-def gated_aux_step(a, m_up, m_gate, s, alpha: float, beta: float, iterations: int = 4, grid: int = 3):
-    """(z, s, SiLU(s)⊙z) after the z and s updates of one SparseLLM iteration (see above)."""
-    return _compiled("gated", _gated_step_core)(a, m_up, m_gate, s, float(alpha), float(beta), iterations, grid)
-
-
-def _chunked(fn, *tensors, **kwargs):
-    """Apply an element-wise function (one or several outputs) over flat chunks of
-    same-shaped tensors: the temporaries of a chunk stay small."""
-    shape = tensors[0].shape
-    n = tensors[0].numel()
-    flats = [t.reshape(-1) if isinstance(t, torch.Tensor) and t.shape == shape else t for t in tensors]
-    outs = None
-    for i in range(0, n, CHUNK):
-        parts = [t[i : i + CHUNK] if isinstance(t, torch.Tensor) and t.numel() == n else t for t in flats]
-        result = fn(*parts, **kwargs)
-        single = isinstance(result, torch.Tensor)
-        result = (result,) if single else result
-        if outs is None:
-            outs = [torch.empty(n, dtype=r.dtype) for r in result]
-        for out, r in zip(outs, result):
-            out[i : i + CHUNK] = r
-    outs = [o.reshape(shape) for o in outs]
-    return outs[0] if single else tuple(outs)
 
 
 # ------------------------------------------------------------------ linear-algebra sub-problems
@@ -253,6 +63,18 @@ def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -
     return solution.T.to(torch.float32)
 
 
+def pseudo_inverse_rows(u: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """U (UᵀU + λI)⁻¹ (N x in), λ as in ``least_squares_target``: with it, the least-squares
+    W* = argmin ‖T − U Wᵀ‖ of any target T on the same U is Tᵀ·(this), one product, where
+    ``least_squares_target`` factors and solves again for each T. Solved in float64."""
+    g = gram.to(torch.float64)
+    g = g + damp * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype)
+    rhs = u.to(torch.float64).T
+    factor, info = torch.linalg.cholesky_ex(g)
+    solution = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
+    return solution.T.to(torch.float32)
+
+
 def ridge_activation_update(y_centered: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
                             alpha: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """a = argmin α‖y − a Wdᵀ‖² + β‖a − h‖², and a Wdᵀ.
@@ -271,11 +93,6 @@ def ridge_activation_update(y_centered: torch.Tensor, w_down: torch.Tensor, h: t
     a = torch.addmm(h, residual, b)
     a_down = torch.addmm(h_down, residual, b @ w_down.T)
     return a, a_down
-
-
-def gated_z_update(m_up: torch.Tensor, sig: torch.Tensor, a: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
-    """argmin_z β(a − σ⊙z)² + α(z − m_up)² = (α m_up + β σ a)/(α + β σ²)."""
-    return (alpha * m_up + beta * sig * a) / (alpha + beta * sig.square())
 
 
 # ------------------------------------------------------------------ the FFN solver
@@ -315,6 +132,51 @@ class FFNProblem:
 
     def output(self, weights) -> torch.Tensor:
         return self.linear(self.hidden(weights), "down", weights["down"])
+
+
+@dataclass
+class _DensePass:
+    gram_h: torch.Tensor  # the down layer's input Gram hᵀh on every token
+    var: dict[str, torch.Tensor]  # s (gate) and z (up) on the kept tokens
+    h: torch.Tensor  # the activation term's target on the kept tokens
+    y: torch.Tensor  # Y on the kept tokens, then on the held-out ones
+
+
+#: tokens per chunk of the dense pass (a fresh 16,384 x 1536 tensor faults in every page;
+#: chunks of this size are reused from the heap)
+DENSE_CHUNK_ROWS = 2048
+
+
+def _dense_pass(problem: FFNProblem, x: torch.Tensor, kept: torch.Tensor | None,
+                held: torch.Tensor | None) -> _DensePass:
+    """The dense FFN over X in row chunks: hᵀh over every token; s, z, h and Y on the ``kept``
+    rows (all when None) and Y on the ``held`` ones (sorted indices)."""
+    gated = problem.activation == "silu_gated"
+    names = ["gate", "up"] if gated else ["up"]
+    f = problem.weights["up"].shape[0]
+    gram_lower = torch.zeros(f, f)
+    var_parts, h_parts, y_parts, held_parts = {n: [] for n in names}, [], [], []
+    for r0 in range(0, x.shape[0], DENSE_CHUNK_ROWS):
+        r1 = min(r0 + DENSE_CHUNK_ROWS, x.shape[0])
+        var = {n: problem.linear(x[r0:r1], n) for n in names}
+        h = F.silu(var["gate"]) * var["up"] if gated else problem.act(var["up"])
+        add_lower_gram(gram_lower, h)
+        y_input = h if gated else problem.true_act(var["up"])  # Y = down(y_input)
+        rows = slice(None) if kept is None else _rows_within(kept, r0, r1)
+        for n in names:
+            var_parts[n].append(var[n][rows])
+        h_parts.append(h[rows])
+        y_parts.append(problem.linear(y_input[rows], "down"))
+        if held is not None:
+            held_parts.append(problem.linear(y_input[_rows_within(held, r0, r1)], "down"))
+    return _DensePass(symmetric_from_lower(gram_lower), {n: torch.cat(v) for n, v in var_parts.items()},
+                      torch.cat(h_parts), torch.cat(y_parts + held_parts))
+
+
+def _rows_within(index: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """The entries of a sorted row index within [r0, r1), relative to r0."""
+    lo, hi = torch.searchsorted(index, torch.tensor([r0, r1])).tolist()
+    return index[lo:hi] - r0
 
 
 @dataclass
@@ -409,17 +271,12 @@ def sparsellm_ffn(
         return dict(zip(inner_names, torch.split(stacked, rows)))
 
     def inner_targets() -> dict:
-        """Least-squares targets of gate/up for the current variables: one solve for both."""
-        cross = torch.cat([centered(var[n], n).T @ x for n in inner_names])
-        return dict(zip(inner_names, torch.split(least_squares_target(cross, gram_x, 1e-6),
-                                                 [var[n].shape[1] for n in inner_names])))
+        """Least-squares targets of gate/up for the current variables."""
+        return {n: centered(var[n], n).T @ x_pinv for n in inner_names}
 
     def centered(t, name):
         b = problem.bias(name)
         return t - b if b is not None else t
-
-    def act_input(s_, z_):
-        return F.silu(s_) * z_ if gated else problem.act(z_)
 
     # Every term is a sum of squared residuals over the tokens: float32 within a row,
     # float64 across rows. (Expanding ‖t − UWᵀ‖² through float32 Gram matrices
@@ -430,31 +287,33 @@ def sparsellm_ffn(
     if not torch.isfinite(x).all():
         raise NumericalError(f"non-finite FFN inputs in SparseLLM for {layer}: check the data or use float32")
     gram_x = _gram(x)
-    # dense auxiliary variables; Y is the dense FFN's output; h is the activation term's target
-    var = {n: problem.linear(x, n) for n in inner_names}  # s (gate) and z (up)
-    h = act_input(var.get("gate"), var["up"])
-    y = problem.linear(h if gated else problem.true_act(var["up"]), "down")
+    split = token_split(n_tokens, aux_tokens, seed) if iterations > 0 else None
+    subset, held_out = split if split is not None else (None, None)
+    # dense auxiliary variables (s, z, h) and Y, the dense FFN's output, on the tokens the
+    # iterations use; the down layer's input Gram on every token
+    dense = _dense_pass(problem, x, subset, held_out)
+    var, h, y = dense.var, dense.h, dense.y
 
     # iteration 0: SparseGPT on the dense weights with the dense input Hessians, on every token
     weights = {k: v.to(torch.float32) for k, v in problem.weights.items()}
     pruned = prune_inner({n: weights[n] for n in inner_names}, gram_x)
-    pruned["down"] = prune(weights["down"], _gram(h), "down")
+    pruned["down"] = prune(weights["down"], dense.gram_h, "down")
     sparsegpt_weights = {k: v.clone() for k, v in pruned.items()}
+    del dense
 
     def error_on(x_, y_, w) -> float:
         up = problem.linear(x_, "up", w["up"])
         hidden = F.silu(problem.linear(x_, "gate", w["gate"])) * up if gated else problem.true_act(up)
         return sq(problem.linear(hidden, "down", w["down"]) - y_) / max(sq(y_), 1e-30)
 
-    split = token_split(n_tokens, aux_tokens, seed) if iterations > 0 else None
     if split is not None:
-        subset, held_out = split
-        x_held, y_held = x[held_out], y[held_out]
+        x_held, y_held = x[held_out], y[len(subset):]
         sparsegpt_error_held = error_on(x_held, y_held, pruned)
-        x, y, h = x[subset], y[subset], h[subset]
-        var = {n: v[subset] for n, v in var.items()}
+        x, y = x[subset], y[: len(subset)]
         n_tokens = x.shape[0]
         gram_x = _gram(x)
+    # the inner layers' input is fixed: their least-squares targets are Tᵀ·X⁺ (X⁺ once)
+    x_pinv = pseudo_inverse_rows(x, gram_x, 1e-6) if iterations > 0 else None
     y_c = centered(y, "down")
     y_norm = max(sq(y), 1e-30)
     a = h
@@ -480,16 +339,13 @@ def sparsellm_ffn(
         a, a_down = ridge_activation_update(y_c, pruned["down"], h, alpha, beta)
         # 2./3. pre-activations: closed form for z, element-wise 1-D solves where non-convex
         if gated:
-            var["up"], var["gate"], h = _chunked(
-                lambda a_, mu_, mg_, s_: gated_aux_step(a_, mu_, mg_, s_, alpha, beta),
-                a, m["up"], m["gate"], var["gate"])
+            var["up"], var["gate"], h = gated_aux_step(a, m["up"], m["gate"], var["gate"], alpha, beta)
         elif problem.activation == "relu":
-            var["up"] = _chunked(lambda a_, m_: relu_z_update(a_, m_, alpha, beta), a, m["up"])
+            (var["up"],) = map_chunks(lambda a_, m_: (relu_z_update(a_, m_, alpha, beta),), [a, m["up"]], 1,
+                                      pad=False)
             h = problem.act(var["up"])
         else:
-            var["up"] = _chunked(
-                lambda a_, m_, z_: scalar_activation_solve("gelu", a_, 1.0, m_, alpha, beta, z_),
-                a, m["up"], var["up"])
+            var["up"] = scalar_activation_solve("gelu", a, 1.0, m["up"], alpha, beta, var["up"])
             h = problem.act(var["up"])
 
         # 4. weights: least-squares targets pruned by SparseGPT, kept only where their term drops
