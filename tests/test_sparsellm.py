@@ -286,3 +286,34 @@ def test_gram_from_the_lower_triangle_equals_the_full_product(monkeypatch):
     gram = _gram(x)
     torch.testing.assert_close(gram, x.T @ x, rtol=1e-5, atol=1e-5)
     assert torch.equal(gram, gram.T)
+
+
+@pytest.mark.parametrize("activation", ["silu_gated", "gelu"])
+def test_dense_pass_in_row_chunks_equals_the_whole(monkeypatch, activation):
+    """Iteration 0's dense pass, run in chunks of rows: the down input's Gram on every token,
+    the variables and Y on the kept rows, Y on the held-out rows, as computed on all at once."""
+    from sparseforge.oneshot import sparsellm
+
+    monkeypatch.setattr(sparsellm, "DENSE_CHUNK_ROWS", 48)  # 200 rows: 4 chunks and a partial one
+    problem = _problem(activation, n=200)
+    kept, held = sparsellm.token_split(200, 60, seed=1)
+    dense = sparsellm._dense_pass(problem, problem.inputs.float(), kept, held)
+    x = problem.inputs.float()
+    names = ["gate", "up"] if activation == "silu_gated" else ["up"]
+    var = {n: problem.linear(x, n) for n in names}
+    h = F.silu(var["gate"]) * var["up"] if activation == "silu_gated" else problem.act(var["up"])
+    y = problem.linear(h if activation == "silu_gated" else problem.true_act(var["up"]), "down")
+    torch.testing.assert_close(dense.gram_h, h.T @ h, rtol=1e-5, atol=1e-4)
+    for n in names:
+        torch.testing.assert_close(dense.var[n], var[n][kept])
+    torch.testing.assert_close(dense.h, h[kept])
+    torch.testing.assert_close(dense.y, torch.cat([y[kept], y[held]]))
+
+
+def test_pseudo_inverse_rows_gives_the_least_squares_target():
+    from sparseforge.oneshot.sparsellm import pseudo_inverse_rows
+
+    x, t = rand(400, 12).float(), rand(400, 7).float()
+    gram = x.T @ x
+    torch.testing.assert_close(t.T @ pseudo_inverse_rows(x, gram, 1e-6), least_squares_target(t.T @ x, gram, 1e-6),
+                               rtol=1e-4, atol=1e-5)
