@@ -132,7 +132,7 @@ def _pick(t_right, f_right, t_left, f_left):
 def _gated_sample(a, m_up, m_gate, s, alpha: float, beta: float, grid: int):
     """The gated FFN's z update for the current s (closed form), then the s solve's samples."""
     sig = s * torch.sigmoid(s)
-    z = (alpha * m_up + beta * sig * a) / (alpha + beta * sig * sig)
+    z = (alpha * m_up + beta * sig * a) / (alpha + beta * sig * sig)  # gated_z_update, in this rounding
     return (z, *_sample(a, z, m_gate, s, alpha, beta, "silu", grid))
 
 
@@ -141,10 +141,13 @@ def _gated_pick(z, t_right, f_right, t_left, f_left):
     return s, s * torch.sigmoid(s) * z
 
 
-def _refine(step, a, c, m, sides, alpha, beta, activation, iterations):
-    """Newton from each side's best sample, each staying on its side; (t, f) per side."""
+def _refine(step, a, c, m, stages, alpha, beta, activation, iterations):
+    """Newton from each side's best sample (``stages``: what ``_sample`` returns); (t, f) per side.
+    Each stays on its own side: a step across the turning point could fall into the other
+    side's basin, and that side's own best would be lost."""
+    half = len(stages) // 2
     refined = []
-    for t, f, finite, lo, hi in sides:
+    for t, f, finite, lo, hi in (stages[:half], stages[half:]):
         for _ in range(iterations):
             t, f = step(a, c, m, t, f, finite, lo, hi, alpha, beta, activation)
         refined.append((t, f))
@@ -225,19 +228,21 @@ def scalar_activation_solve(
     GELU with c = 1). A side can hold two basins; at β/α = 20 about 1 GELU
     problem in 4,000 ends in the shallower one (cost 0.06% above the minimum).
     """
-    c = torch.as_tensor(c, dtype=a.dtype).expand_as(a)
+    c = torch.as_tensor(c, dtype=a.dtype)
+    # a scalar c (GELU's 1) is expanded per chunk, not copied out to the problem's size
+    c = c if c.dim() == 0 else c.expand_as(a)
     start = m if start is None else start
     alpha, beta = float(alpha), float(beta)
     compiled = compile_enabled(a.numel())
     sample, step, pick = (_stage(f, compiled) for f in (_sample, _newton_step, _pick))
 
-    def solve(a_, c_, m_, start_):
+    def solve(a_, m_, start_, *c_part):
+        c_ = c_part[0] if c_part else c.expand_as(a_)
         stages = sample(a_, c_, m_, start_, alpha, beta, activation, grid)
-        (t_r, f_r), (t_l, f_l) = _refine(step, a_, c_, m_, (stages[:5], stages[5:]), alpha, beta, activation,
-                                         iterations)
+        (t_r, f_r), (t_l, f_l) = _refine(step, a_, c_, m_, stages, alpha, beta, activation, iterations)
         return (pick(t_r, f_r, t_l, f_l),)
 
-    (t,) = map_chunks(solve, [a, c, m, start], 1, pad=compiled)
+    (t,) = map_chunks(solve, [a, m, start] + ([c] if c.dim() else []), 1, pad=compiled)
     return t
 
 
@@ -251,8 +256,7 @@ def gated_aux_step(a, m_up, m_gate, s, alpha: float, beta: float, iterations: in
 
     def solve(a_, m_up_, m_gate_, s_):
         z, *stages = sample(a_, m_up_, m_gate_, s_, alpha, beta, grid)
-        (t_r, f_r), (t_l, f_l) = _refine(step, a_, z, m_gate_, (stages[:5], stages[5:]), alpha, beta, "silu",
-                                         iterations)
+        (t_r, f_r), (t_l, f_l) = _refine(step, a_, z, m_gate_, stages, alpha, beta, "silu", iterations)
         return (z, *pick(z, t_r, f_r, t_l, f_l))
 
     z, s_new, h = map_chunks(solve, [a, m_up, m_gate, s], 3, pad=compiled)

@@ -51,28 +51,28 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return symmetric_from_lower(lower)
 
 
-def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """W* = argmin ‖T − U Wᵀ‖ from cross = Tᵀ U (out x in) and gram = Uᵀ U: W* = cross·gram⁻¹,
-    a pseudo-inverse guarded by λ = damp·mean(diag gram), solved in float64 by Cholesky (half
-    the work of LU; LU where rounding left the damped matrix not positive definite)."""
+def _damped_solve(rows: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """rows·(gram + λI)⁻¹ with λ = damp·mean(diag gram), in float64 by Cholesky (half the work
+    of LU; LU where rounding left the damped matrix not positive definite)."""
     g = gram.to(torch.float64)
     g = g + damp * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype)
-    rhs = cross.to(torch.float64).T
+    rhs = rows.to(torch.float64).T
     factor, info = torch.linalg.cholesky_ex(g)
     solution = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
     return solution.T.to(torch.float32)
+
+
+def least_squares_target(cross: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = argmin ‖T − U Wᵀ‖ from cross = Tᵀ U (out x in) and gram = Uᵀ U: W* = cross·gram⁻¹,
+    a pseudo-inverse guarded by λ = damp·mean(diag gram)."""
+    return _damped_solve(cross, gram, damp)
 
 
 def pseudo_inverse_rows(u: torch.Tensor, gram: torch.Tensor, damp: float) -> torch.Tensor:
     """U (UᵀU + λI)⁻¹ (N x in), λ as in ``least_squares_target``: with it, the least-squares
     W* = argmin ‖T − U Wᵀ‖ of any target T on the same U is Tᵀ·(this), one product, where
-    ``least_squares_target`` factors and solves again for each T. Solved in float64."""
-    g = gram.to(torch.float64)
-    g = g + damp * g.diagonal().mean().clamp_min(1e-12) * torch.eye(g.shape[0], dtype=g.dtype)
-    rhs = u.to(torch.float64).T
-    factor, info = torch.linalg.cholesky_ex(g)
-    solution = torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(g, rhs)
-    return solution.T.to(torch.float32)
+    ``least_squares_target`` factors and solves again for each T."""
+    return _damped_solve(u, gram, damp)
 
 
 def ridge_activation_update(y_centered: torch.Tensor, w_down: torch.Tensor, h: torch.Tensor,
