@@ -277,3 +277,54 @@ def test_chunked_path_names_a_layer_outside_every_branch(calib_windows, monkeypa
     monkeypatch.setattr(LlamaAdapter, "residual_branches", (ResidualBranch("input_layernorm", "self_attn", True),))
     with pytest.raises(ModelError, match="mlp.gate_proj.*no residual branch"):
         prune(tiny_llama().eval(), method="sparsegpt", sparsity=0.5, calibration=calib_windows, progress=False)
+
+
+def test_each_block_is_called_with_its_own_arguments(calib_windows):
+    """Qwen2 with sliding-window layers after a full-attention one: the captured per-block arguments,
+    fed block by block, reproduce the model's own hidden states; block 0's reused would not."""
+    from sparseforge.oneshot.engine import _run_block, capture_block_inputs
+    from tiny import tiny_qwen2_mixed
+
+    torch.manual_seed(0)
+    model = tiny_qwen2_mixed().eval()
+    blocks = get_adapter(model).blocks
+    with torch.no_grad():
+        expected = model.model(input_ids=calib_windows, output_hidden_states=True).hidden_states
+        hidden, calls = capture_block_inputs(model, blocks, list(calib_windows.split(2)))
+        own, reused = hidden, hidden
+        for index in range(len(blocks) - 1):  # the last hidden state has the final norm applied
+            own = _run_block(blocks[index], own, calls[index], None, torch.float32)
+            reused = _run_block(blocks[index], reused, calls[0], None, torch.float32)
+            torch.testing.assert_close(torch.cat(own), expected[index + 1])
+    assert not torch.allclose(torch.cat(reused), expected[len(blocks) - 1], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["one pass, chunked", "one pass, stock", "two passes"])
+def test_propagated_activations_are_the_pruned_models_own(calib_windows, monkeypatch, mode):
+    """What the engine hands block i+1 is the pruned model's own hidden state there, in every mode,
+    on a model whose blocks take different attention masks (Qwen2 with sliding-window layers)."""
+    import sparseforge.oneshot.engine as engine
+    from tiny import tiny_qwen2_mixed
+
+    torch.manual_seed(0)
+    model = tiny_qwen2_mixed().eval()
+    propagated = []
+    prune_block = engine._prune_block
+
+    def recording(*args, **kwargs):
+        results, outputs, details = prune_block(*args, **kwargs)
+        propagated.append(torch.cat(outputs).clone())
+        return results, outputs, details
+
+    monkeypatch.setattr(engine, "_prune_block", recording)
+    if mode == "one pass, chunked":
+        _prune_stock_or_chunked(model, monkeypatch, 64, method="sparsegpt", calibration=calib_windows)
+    elif mode == "one pass, stock":
+        _prune_stock_or_chunked(model, monkeypatch, None, method="sparsegpt", calibration=calib_windows)
+    else:
+        prune(model, method="sparsegpt", sparsity=0.6, calibration=calib_windows, batch_size=2, progress=False)
+    with torch.no_grad():
+        expected = model.model(input_ids=calib_windows, output_hidden_states=True).hidden_states
+    assert len(propagated) == 3
+    for index in range(2):
+        torch.testing.assert_close(propagated[index], expected[index + 1], rtol=1e-4, atol=1e-5)

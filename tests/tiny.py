@@ -12,6 +12,8 @@ from transformers import (
     LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 VOCAB = 128
@@ -21,6 +23,15 @@ def tiny_llama():
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     return LlamaForCausalLM(config)
+
+
+def tiny_qwen2_mixed():
+    """Qwen2 whose layers mix full attention (layer 0) and sliding-window attention (layers 1, 2) over
+    a window of 8 tokens, shorter than the test windows: the model hands its blocks different masks."""
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    return Qwen2ForCausalLM(config)
 
 
 def tiny_opt():

@@ -53,7 +53,8 @@ def slice_windows(obj, start: int, stop: int, n_windows: int):
 
 def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     """The block's arguments after the hidden states, all by name (GPT-2's model passes some by
-    position), without those left at None; None if they do not bind to the block's signature."""
+    position), None values kept (some modules take a mask without a default: Qwen2's attention); None
+    if they do not bind to the block's signature."""
     try:
         bound = inspect.signature(block.forward).bind(None, *args, **kwargs)
     except TypeError:
@@ -72,7 +73,7 @@ def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
                 return None
         else:
             named[name] = value
-    return {k: v for k, v in named.items() if v is not None}
+    return named
 
 
 def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None) -> torch.Tensor:

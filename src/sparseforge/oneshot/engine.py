@@ -194,21 +194,36 @@ def _cast_floats(obj, dtype):
     return obj
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
-    """Run the embeddings and return, per batch, block 0's hidden states and other arguments."""
-    hidden, calls = [], []
+def capture_block_inputs(model: nn.Module, blocks, batches: list[torch.Tensor], last: int | None = None):
+    """Run the embeddings and return block 0's hidden states per batch and, per block up to
+    ``last``, the other arguments the model passes it per batch (``calls[block][batch]``).
 
-    def catch(module, args, kwargs):
-        if args:
-            hidden.append(args[0])
-            rest = args[1:]
-        else:
-            hidden.append(kwargs.pop("hidden_states"))
-            rest = ()
-        calls.append(_BlockCall(rest, dict(kwargs)))
-        raise _StopForward
+    Each block's arguments are recorded, not block 0's reused: models that mix layer types
+    (Qwen2/Qwen3 with ``max_window_layers``, Gemma-style alternation) hand sliding-window
+    layers another attention mask than full-attention ones. The blocks do no work here: each
+    is replaced for the pass by a recorder that returns its input unchanged (the arguments
+    other than the hidden states come from the input ids, not from the blocks' outputs)."""
+    blocks = list(blocks)
+    last = len(blocks) - 1 if last is None else last
+    hidden: list[torch.Tensor] = []
+    calls: list[list[_BlockCall]] = [[] for _ in range(last + 1)]
 
-    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    def recorder(index):
+        def record(*args, **kwargs):
+            if args:
+                h, rest = args[0], args[1:]
+            else:
+                h, rest = kwargs.pop("hidden_states"), ()
+            if index == 0:
+                hidden.append(h)
+            calls[index].append(_BlockCall(rest, dict(kwargs)))
+            if index == last:
+                raise _StopForward
+            return h
+        return record
+
+    for index in range(last + 1):
+        blocks[index].forward = recorder(index)
     try:
         for batch in batches:
             try:
@@ -216,9 +231,10 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    if len(hidden) != len(batches):
-        raise ModelError("the first decoder block was never called: the adapter points at the wrong blocks")
+        for index in range(last + 1):
+            del blocks[index].forward  # the class's own forward again
+    if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
+        raise ModelError("the decoder blocks were not all called in order: the adapter points at the wrong blocks")
     return hidden, calls
 
 
@@ -404,25 +420,29 @@ def prune_model(
     if compute_dtype == model_dtype:
         compute_dtype = None
 
+    if method.stats_kind is not None and n_windows == 0:
+        raise ConfigError(f"method '{method.name}' needs calibration data")
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if method.stats_kind is None:
+        if last_block < 0:
+            pass  # nothing selected: no block to run
+        elif method.stats_kind is None:
             for index in tqdm(range(last_block + 1), desc=f"{method.name}", disable=not progress):
                 results += _prune_without_data(adapter, index, plan[index], method, options)
         else:
-            if calibration is None or n_windows == 0:
-                raise ConfigError(f"method '{method.name}' needs calibration data")
             batch_size = config.batch_size or n_windows
             batches = list(torch.split(calibration, batch_size))
             release_free_memory()
-            hidden, calls = capture_block_inputs(model, blocks[0], batches)
+            hidden, calls = capture_block_inputs(model, blocks, batches, last_block)
             bar = tqdm(range(last_block + 1), desc=f"{method.name} {config.pattern}", disable=not progress)
             for index in bar:
                 t0 = time.perf_counter()
                 block_results, hidden, block_details = _prune_block(
-                    adapter, index, plan[index], method, options, hidden, calls, config, compute_dtype, model_dtype
+                    adapter, index, plan[index], method, options, hidden, calls[index], config, compute_dtype,
+                    model_dtype,
                 )
+                calls[index] = None  # this block's masks are no longer needed
                 results += block_results
                 details.update(block_details)
                 release_free_memory()
