@@ -354,3 +354,63 @@ def test_too_few_rounds_raise_k_or_fail_before_training():
     assert info["rounds_estimated"] <= info["rounds_available"] == 10
     with pytest.raises(ConfigError, match="2 rounds .* cannot reach --target-params 0.7"):
         build_train_method("transpa", 4, settings).prepare(llama())
+
+
+def test_any_save_of_a_free_layout_model_records_its_shapes(tmp_path, tiny_dir):
+    """save() finds the manifest from the model itself: a free-layout model saved with no manifest from the
+    caller (as `prune`, `finetune` and `train --method dense` save it) loads back with the same logits."""
+    from sparseforge.export import save
+    from sparseforge.loading import load_model
+
+    model, *_ = run(layout="free")
+    save(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "free", metadata={"structure": "stale"})
+    manifest = json.loads((tmp_path / "free" / "sparseforge.json").read_text())["structure"]["modules"]
+    narrowed = [n for n, s in manifest.items() if s["class"] == "Linear"]
+    assert narrowed and all(n.split(".")[-2] == "mlp" for n in narrowed)  # only the FFN linears that shrank
+    loaded, _ = load_model(str(tmp_path / "free"))
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_an_unchanged_model_saves_without_a_manifest(tmp_path, tiny_dir):
+    from sparseforge.export import save
+
+    save(llama(), AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "dense", metadata={})
+    assert "structure" not in json.loads((tmp_path / "dense" / "sparseforge.json").read_text())
+
+
+def test_losparse_factors_inside_compact_attention_save_and_reload(tmp_path, tiny_dir):
+    """LoSparse trained on a free-layout model puts compact factors inside compact attention: both are
+    recorded (the outer first) and rebuilt, and the reloaded model computes the same logits."""
+    from sparseforge.export import save
+    from sparseforge.loading import load_model
+    from sparseforge.lowrank.layers import LoSparseLinear
+    from sparseforge.models.modules import replace_module
+
+    model, *_ = run(layout="free")
+    attention = next(n for n, m in model.named_modules() if isinstance(m, CompactAttention))
+    for role in ("q_proj", "o_proj"):
+        name = f"{attention}.{role}"
+        layer = LoSparseLinear.from_linear(model.get_submodule(name), rank=2)
+        layer.apply_row_mask(torch.arange(layer.out_features) % 2 == 0)
+        replace_module(model, name, layer.compact())
+    save(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "nested", metadata={})
+    manifest = json.loads((tmp_path / "nested" / "sparseforge.json").read_text())["structure"]["modules"]
+    names = list(manifest)
+    assert manifest[f"{attention}.q_proj"]["class"] == "CompactLoSparseLinear"
+    assert names.index(attention) < names.index(f"{attention}.q_proj")
+    loaded, _ = load_model(str(tmp_path / "nested"))
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_cli_prune_of_a_free_layout_model_loads(capsys, trained):
+    """A structured model pruned (or fine-tuned) by the CLI is saved with its shapes: eval loads it."""
+    outs, root = trained
+    text = root / "text.txt"
+    pruned = root / "free-pruned"
+    code, _, err = cli(capsys, "prune", "--model", outs["free"], "--method", "wanda", "--sparsity", "0.5",
+                       "--calib", text, "--n-calib", "2", "--seq-len", "16", "--no-eval", "--output", pruned)
+    assert code == 0, err
+    code, stdout, err = cli(capsys, "eval", "--model", pruned, "--data", text, "--seq-len", "16",
+                            "--eval-windows", "2")
+    assert code == 0, err
+    assert "perplexity" in stdout

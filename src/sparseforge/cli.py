@@ -618,7 +618,6 @@ def cmd_train(args) -> int:
     from .loading import load_model
     from .measure import peak_rss_mb
     from .methods import build_train_method
-    from .models.modules import structure_manifest
     from .train import TrainConfig
     from .training import train
 
@@ -680,14 +679,8 @@ def cmd_train(args) -> int:
     }
     _print_train_summary(args, report)
     if args.output:
-        metadata = dict(results)
-        if exported == "compact":
-            metadata["structure"] = structure_manifest(model)
-        elif exported == "structure":
-            from .structured import manifest_includes
-
-            metadata["structure"] = structure_manifest(model, include=manifest_includes(model))
-        save(model, tokenizer, args.output, metadata=metadata, overwrite=args.overwrite, save_format=args.save_format)
+        # save() records the shapes config.json cannot rebuild (compact layers, shrunk linears)
+        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite, save_format=args.save_format)
         note = {"dense": " (dense export: vanilla transformers loads it; it saves nothing)",
                 "plain": " (uniform layout: a plain HF checkpoint, vanilla transformers loads it)"}
         print(_saved(args.output, note.get(exported, " (compact / free layout: load with sparseforge.load_model)")))

@@ -190,6 +190,14 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
         model.save_pretrained(tmp)
         metadata = dict(metadata or {})
         metadata.pop("save_format", None)  # describes a previous save's files, not these
+        # the shapes that config.json cannot rebuild, read from the model itself: whatever made them
+        # (a structured method, a later prune or fine-tune of such a model), the copy loads
+        from .models.modules import model_structure
+
+        structure = model_structure(model)
+        metadata.pop("structure", None)
+        if structure is not None:
+            metadata["structure"] = structure
         if save_format != "dense":
             from .sparse_checkpoint import compress_directory
 

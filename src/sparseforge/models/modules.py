@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -32,6 +33,8 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from .base import ReparametrisedLinear, is_reparametrised
 from .families import get_adapter
+
+log = logging.getLogger(__name__)
 
 #: structure class name -> "importable.module:attribute"; extend with register_structure_class
 STRUCTURE_CLASSES: dict[str, str] = {
@@ -156,13 +159,12 @@ def _checked_structure(name: str, module: nn.Module) -> dict:
 
 def structure_manifest(model: nn.Module, include: Iterable[str] = ()) -> dict:
     """``{"modules": {full name: structure}, "config": {}}`` for every module with ``structure()``
-    (outermost only: a structured module rebuilds its children) plus the modules named in
-    ``include`` (e.g. shrunk plain Linears). ``"config"`` holds config overrides to apply
-    before the model is built (none yet)."""
+    plus the modules named in ``include`` (e.g. shrunk plain Linears). A structured module rebuilds
+    its plain children; a structured module inside another (LoSparse factors as a projection of
+    compact attention) is recorded after it and rebuilt in its place. ``"config"`` holds config
+    overrides to apply before the model is built (none yet)."""
     modules: dict[str, dict] = {}
     for name, module in model.named_modules():
-        if any(name.startswith(done + ".") for done in modules):
-            continue
         if callable(getattr(module, "structure", None)):
             if not name:
                 raise ModelError(f"{type(model).__name__} itself has structure(): only its submodules can be rebuilt")
@@ -180,6 +182,33 @@ def structure_manifest(model: nn.Module, include: Iterable[str] = ()) -> dict:
                              "plain Linears and structured modules")
         modules[name] = _checked_structure(name, module)
     return {"modules": modules, "config": {}}
+
+
+def model_structure(model: nn.Module) -> dict | None:
+    """The manifest a saved copy of ``model`` needs to load, found from the model alone (None if the
+    config rebuilds it as it is): every structured module, and every plain Linear whose shape differs
+    from the one the config builds (a FFN that structured pruning narrowed). The config's shapes come
+    from a copy built on the meta device (no memory, no initialisation)."""
+    manifest = structure_manifest(model)
+    structured = tuple(name + "." for name in manifest["modules"])
+    try:
+        with torch.device("meta"):
+            reference = dict(type(model)(model.config).named_modules())
+    except Exception as e:  # a model that its config alone cannot build: no shape to compare with
+        log.warning("cannot build %s from its config to compare shapes (%s): only structured modules are recorded",
+                    type(model).__name__, e)
+        reference = {}
+    shrunk = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or name.startswith(structured):
+            continue
+        stock = reference.get(name)
+        if isinstance(stock, nn.Linear) and (stock.weight.shape != module.weight.shape
+                                             or (stock.bias is None) != (module.bias is None)):
+            shrunk.append(name)
+    if shrunk:
+        manifest = structure_manifest(model, include=shrunk)
+    return manifest if manifest["modules"] else None
 
 
 def _manifest_modules(manifest: Mapping) -> Mapping:
@@ -222,6 +251,7 @@ __all__ = [
     "is_reparametrised",
     "linear_structure",
     "module_from_structure",
+    "model_structure",
     "module_structure",
     "register_structure_class",
     "replace_module",

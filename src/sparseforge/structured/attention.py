@@ -39,6 +39,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import ConfigError, ModelError
+from ..models.base import is_reparametrised
 
 #: attribute names under which HF attention modules keep their attention-probability dropout
 PROB_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout")
@@ -156,11 +157,12 @@ def _projection(kind: str, in_features: int, out_features: int, bias: bool, dtyp
 
 
 def _shape(module: nn.Module) -> tuple[str, int, int, bool]:
-    """(kind, in, out, bias) of a Linear or Conv1D."""
+    """(kind, in, out, bias) of a Linear or Conv1D; a reparametrised linear (LoSparse's factors) is recorded
+    as the Linear it stands in for: the manifest records it itself, rebuilt in place after this module."""
     if isinstance(module, Conv1D):
         return "conv1d", module.weight.shape[0], module.weight.shape[1], True
-    if isinstance(module, nn.Linear):
-        return "linear", module.in_features, module.out_features, module.bias is not None
+    if isinstance(module, nn.Linear) or is_reparametrised(module):
+        return "linear", module.in_features, module.out_features, getattr(module, "bias", None) is not None
     raise ModelError(f"compact attention needs Linear or Conv1D projections, not {type(module).__name__}")
 
 
