@@ -328,3 +328,28 @@ def test_propagated_activations_are_the_pruned_models_own(calib_windows, monkeyp
     assert len(propagated) == 3
     for index in range(2):
         torch.testing.assert_close(propagated[index], expected[index + 1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_forward_set_on_the_instance_survives_pruning(calib_windows):
+    """The engine swaps blocks' and FFNs' forwards for the capture and the chunked FFN, then puts back
+    what was there, including a forward set on the instance (where accelerate's hooks live)."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    block, mlp = model.model.layers[1], model.model.layers[0].mlp
+    calls = []
+
+    def wrap(module):
+        own = module.forward
+
+        def hooked(*args, **kwargs):
+            calls.append(type(module).__name__)
+            return own(*args, **kwargs)
+        module.forward = hooked
+        return hooked
+
+    hooked_block, hooked_mlp = wrap(block), wrap(mlp)
+    prune(model, method="sparsegpt", sparsity=0.5, calibration=calib_windows, progress=False)
+    assert block.__dict__["forward"] is hooked_block and mlp.__dict__["forward"] is hooked_mlp
+    calls.clear()
+    logits(model, calib_windows)
+    assert sorted(set(calls)) == ["LlamaDecoderLayer", "LlamaMLP"]

@@ -23,7 +23,7 @@ import fnmatch
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -222,17 +222,14 @@ def capture_block_inputs(model: nn.Module, blocks, batches: list[torch.Tensor], 
             return h
         return record
 
-    for index in range(last + 1):
-        blocks[index].forward = recorder(index)
-    try:
+    with ExitStack() as stack:
+        for index in range(last + 1):
+            stack.enter_context(_forward_replaced(blocks[index], recorder(index)))
         for batch in batches:
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        for index in range(last + 1):
-            del blocks[index].forward  # the class's own forward again
     if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
         raise ModelError("the decoder blocks were not all called in order: the adapter points at the wrong blocks")
     return hidden, calls
@@ -477,11 +474,23 @@ def _ffn_in_chunks(adapter, block):
         yield None
         return
     module = block.get_submodule(adapter.ffn.module)
+    with _forward_replaced(module, forward):
+        yield module
+
+
+@contextmanager
+def _forward_replaced(module: nn.Module, forward):
+    """``module`` runs ``forward`` inside the context; afterwards its own again, including a forward
+    set on the instance before (accelerate's offloading hooks live there)."""
+    previous = module.__dict__.get("forward")
     module.forward = forward
     try:
-        yield module
+        yield
     finally:
-        del module.forward  # the class's own forward again
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 def _prune_block(adapter, index, layers, method, options, hidden, calls, config, compute_dtype, model_dtype):
