@@ -353,3 +353,13 @@ def test_a_forward_set_on_the_instance_survives_pruning(calib_windows):
     calls.clear()
     logits(model, calib_windows)
     assert sorted(set(calls)) == ["LlamaDecoderLayer", "LlamaMLP"]
+
+
+def test_capture_names_a_block_the_model_never_calls(calib_windows):
+    from sparseforge.oneshot.engine import capture_block_inputs
+
+    model = tiny_llama().eval()
+    blocks = list(get_adapter(model).blocks)
+    stray = type(blocks[0])(model.config, 0)  # a block the model does not run
+    with pytest.raises(ModelError, match="block 2 was called 0 times for 2 batches"):
+        capture_block_inputs(model, [*blocks, stray], list(calib_windows.split(2)))

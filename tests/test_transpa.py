@@ -414,3 +414,39 @@ def test_cli_prune_of_a_free_layout_model_loads(capsys, trained):
                             "--eval-windows", "2")
     assert code == 0, err
     assert "perplexity" in stdout
+
+
+def test_a_model_its_config_cannot_build_records_every_plain_linear(tmp_path, tiny_dir, monkeypatch):
+    """Without the config's shapes to compare with, save records every plain linear (unchanged ones cost
+    nothing): the free-layout model still loads, and a caller's config overrides are kept."""
+    from sparseforge.export import save
+    from sparseforge.loading import load_model
+    from sparseforge.models import modules
+
+    model, *_ = run(layout="free")
+    monkeypatch.setattr(modules, "_config_built_modules", lambda model: None)
+    save(model, AutoTokenizer.from_pretrained(tiny_dir), tmp_path / "free",
+         metadata={"structure": {"modules": {}, "config": {"use_cache": True}}})
+    manifest = json.loads((tmp_path / "free" / "sparseforge.json").read_text())["structure"]
+    assert {n for n, s in manifest["modules"].items() if s["class"] == "Linear"} == set(manifest_includes(model))
+    assert manifest["config"] == {"use_cache": True}
+    monkeypatch.undo()
+    loaded, _ = load_model(str(tmp_path / "free"))
+    torch.testing.assert_close(logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_training_form_factors_inside_compact_attention_refuse_to_save(tmp_path):
+    """LoSparse's training form (no structure() of its own) inside compact attention cannot be recorded:
+    the save says so at once and writes nothing, instead of a directory that fails to load."""
+    from sparseforge.errors import ModelError
+    from sparseforge.export import save
+    from sparseforge.lowrank.layers import LoSparseLinear
+    from sparseforge.models.modules import replace_module
+
+    model, *_ = run(layout="free")
+    attention = next(n for n, m in model.named_modules() if isinstance(m, CompactAttention))
+    name = f"{attention}.q_proj"
+    replace_module(model, name, LoSparseLinear.from_linear(model.get_submodule(name), rank=2))
+    with pytest.raises(ModelError, match="finish the method"):
+        save(model, None, tmp_path / "out", metadata={})
+    assert not (tmp_path / "out").exists()

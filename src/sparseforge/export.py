@@ -171,6 +171,9 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
          extra_files: dict | None = None, save_format: str = "dense") -> Path:
     """Write ``model`` (zeros in its weights), its tokenizer and ``metadata`` to ``output_dir``.
 
+    A ``"structure"`` manifest (the shapes ``config.json`` cannot rebuild: compact or narrowed layers)
+    is always computed from the model itself; of a ``"structure"`` in ``metadata`` only its
+    ``"config"`` overrides are kept.
     ``extra_files`` maps file names to functions that write that file, given its path.
     ``save_format``: "dense" (a plain checkpoint) or "sparse-bitmask" (the block linears' weights that
     it shrinks as compressed tensors, in the packed 2:4 layout when they all fit it; what was done is
@@ -192,12 +195,16 @@ def save(model, tokenizer, output_dir: str | os.PathLike, metadata: dict | None 
         metadata.pop("save_format", None)  # describes a previous save's files, not these
         # the shapes that config.json cannot rebuild, read from the model itself: whatever made them
         # (a structured method, a later prune or fine-tune of such a model), the copy loads
+        from torch import nn
+
         from .models.modules import model_structure
 
-        structure = model_structure(model)
-        metadata.pop("structure", None)
-        if structure is not None:
-            metadata["structure"] = structure
+        if isinstance(model, nn.Module):  # anything else with save_pretrained keeps the caller's manifest
+            given = metadata.pop("structure", None)
+            overrides = given.get("config") if isinstance(given, dict) else None
+            structure = model_structure(model, overrides if isinstance(overrides, dict) else None)
+            if structure is not None:
+                metadata["structure"] = structure
         if save_format != "dense":
             from .sparse_checkpoint import compress_directory
 
@@ -241,7 +248,8 @@ def saved_dtype(model_dir: str | os.PathLike) -> str:
 def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, save_format: str, overwrite: bool = False,
                  dtype: str | None = None) -> Path:
     """Load a saved model (any format ``load_model`` reads) and save it again in ``save_format``, in the dtype
-    it was saved in unless ``dtype`` is given; its ``sparseforge.json`` (a structure manifest too) is kept."""
+    it was saved in unless ``dtype`` is given; its ``sparseforge.json`` is kept (the structure manifest is
+    computed again from the loaded model)."""
     from .loading import load_model
 
     if save_format not in SAVE_FORMATS:

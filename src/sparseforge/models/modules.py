@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, first_line
 from .base import ReparametrisedLinear, is_reparametrised
 from .families import get_adapter
 
@@ -184,31 +184,60 @@ def structure_manifest(model: nn.Module, include: Iterable[str] = ()) -> dict:
     return {"modules": modules, "config": {}}
 
 
-def model_structure(model: nn.Module) -> dict | None:
+def model_structure(model: nn.Module, config_overrides: Mapping | None = None) -> dict | None:
     """The manifest a saved copy of ``model`` needs to load, found from the model alone (None if the
     config rebuilds it as it is): every structured module, and every plain Linear whose shape differs
     from the one the config builds (a FFN that structured pruning narrowed). The config's shapes come
-    from a copy built on the meta device (no memory, no initialisation)."""
+    from a copy built on the meta device (no memory, no initialisation); where the config cannot build
+    one, every plain block Linear outside a structured module is recorded (an unchanged one costs
+    nothing; the head is never replaced, which would untie it from the embeddings).
+    ``config_overrides`` are kept as the manifest's ``"config"``."""
     manifest = structure_manifest(model)
     structured = tuple(name + "." for name in manifest["modules"])
-    try:
-        with torch.device("meta"):
-            reference = dict(type(model)(model.config).named_modules())
-    except Exception as e:  # a model that its config alone cannot build: no shape to compare with
-        log.warning("cannot build %s from its config to compare shapes (%s): only structured modules are recorded",
-                    type(model).__name__, e)
-        reference = {}
+    reference = _config_built_modules(model)
+    if reference is None:
+        candidates = _block_linears_or_none(model)  # never the head: replacing it would untie it
+    else:
+        candidates = dict(model.named_modules())
     shrunk = []
-    for name, module in model.named_modules():
+    for name, module in candidates.items():
         if type(module) is not nn.Linear or name.startswith(structured):
             continue
-        stock = reference.get(name)
-        if isinstance(stock, nn.Linear) and (stock.weight.shape != module.weight.shape
-                                             or (stock.bias is None) != (module.bias is None)):
+        stock = reference.get(name) if reference is not None else None
+        if reference is None or (isinstance(stock, nn.Linear) and (
+                stock.weight.shape != module.weight.shape or (stock.bias is None) != (module.bias is None))):
             shrunk.append(name)
     if shrunk:
         manifest = structure_manifest(model, include=shrunk)
-    return manifest if manifest["modules"] else None
+    if config_overrides:
+        manifest["config"] = dict(config_overrides)
+    return manifest if manifest["modules"] or manifest["config"] else None
+
+
+def _block_linears_or_none(model: nn.Module) -> dict[str, nn.Module]:
+    try:
+        return block_linears(model)
+    except ModelError:  # a family without an adapter: nothing known to record
+        return {}
+
+
+def _config_built_modules(model: nn.Module) -> dict[str, nn.Module] | None:
+    """``named_modules()`` of the model its config builds, on the meta device; None if it cannot be built."""
+    import copy
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the family's init notes were shown when the model was made
+    try:
+        with torch.device("meta"):
+            return dict(type(model)(copy.deepcopy(model.config)).named_modules())
+    except Exception as e:  # noqa: BLE001 - any model class: a failed build only means no shapes to compare
+        log.warning("cannot build %s from its config to compare shapes (%s): every plain Linear is recorded",
+                    type(model).__name__, first_line(e))
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _manifest_modules(manifest: Mapping) -> Mapping:

@@ -76,6 +76,15 @@ def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     return named
 
 
+def _accepted_keywords(module: nn.Module, kwargs: dict) -> dict:
+    """The block's keywords the branch module takes: all where its forward has ``**kwargs``, else those it
+    names (a block passes some only its own code reads, e.g. GPT-2's encoder states)."""
+    parameters = inspect.signature(module.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in parameters}
+
+
 def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None) -> torch.Tensor:
     out = module(x, **kwargs) if kwargs is not None else module(x)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -108,6 +117,8 @@ def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str,
                   spans: list[tuple[int, int]], chunk_kwargs: list[dict]) -> None:
     """Prune the branch's groups in order, then add the pruned branch's output to ``hidden``."""
     norm, module = block.get_submodule(branch.norm), block.get_submodule(branch.module)
+    if branch.block_kwargs:
+        chunk_kwargs = [_accepted_keywords(module, kwargs) for kwargs in chunk_kwargs]
 
     def run(i: int) -> torch.Tensor:
         s, e = spans[i]

@@ -202,7 +202,9 @@ def capture_block_inputs(model: nn.Module, blocks, batches: list[torch.Tensor], 
     (Qwen2/Qwen3 with ``max_window_layers``, Gemma-style alternation) hand sliding-window
     layers another attention mask than full-attention ones. The blocks do no work here: each
     is replaced for the pass by a recorder that returns its input unchanged (the arguments
-    other than the hidden states come from the input ids, not from the blocks' outputs)."""
+    other than the hidden states come from the input ids, not from the blocks' outputs). A family
+    whose blocks pass more than hidden states to the next (T5's position bias) breaks that
+    assumption and needs its own capture."""
     blocks = list(blocks)
     last = len(blocks) - 1 if last is None else last
     hidden: list[torch.Tensor] = []
@@ -230,8 +232,10 @@ def capture_block_inputs(model: nn.Module, blocks, batches: list[torch.Tensor], 
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
                 pass
-    if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
-        raise ModelError("the decoder blocks were not all called in order: the adapter points at the wrong blocks")
+    for index, block_calls in enumerate(calls):
+        if len(block_calls) != len(batches):
+            raise ModelError(f"decoder block {index} was called {len(block_calls)} times for {len(batches)} batches "
+                             "(each block once per batch expected): the adapter points at the wrong blocks")
     return hidden, calls
 
 

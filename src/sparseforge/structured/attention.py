@@ -161,9 +161,11 @@ def _shape(module: nn.Module) -> tuple[str, int, int, bool]:
     as the Linear it stands in for: the manifest records it itself, rebuilt in place after this module."""
     if isinstance(module, Conv1D):
         return "conv1d", module.weight.shape[0], module.weight.shape[1], True
-    if isinstance(module, nn.Linear) or is_reparametrised(module):
+    if isinstance(module, nn.Linear) or (is_reparametrised(module) and callable(getattr(module, "structure", None))):
         return "linear", module.in_features, module.out_features, getattr(module, "bias", None) is not None
-    raise ModelError(f"compact attention needs Linear or Conv1D projections, not {type(module).__name__}")
+    raise ModelError(f"compact attention needs Linear or Conv1D projections, or factors with structure() "
+                     f"(compact LoSparse), not {type(module).__name__}: finish the method (compact or dense export) "
+                     "before saving")
 
 
 @dataclass(frozen=True)
