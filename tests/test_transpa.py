@@ -414,6 +414,9 @@ def test_cli_prune_of_a_free_layout_model_loads(capsys, trained):
                             "--eval-windows", "2")
     assert code == 0, err
     assert "perplexity" in stdout
+    code, stdout, err = cli(capsys, "info", pruned)
+    assert code == 0, err
+    assert "compact layers:" in stdout and "(trained with" not in stdout  # its last save was the prune
 
 
 def test_a_model_its_config_cannot_build_records_every_plain_linear(tmp_path, tiny_dir, monkeypatch):

@@ -822,8 +822,9 @@ def cmd_info(args) -> int:
     structure = structure_summary(model)
     summary["structure"] = structure
     if structure:
-        print(f"compact layers: {len(structure)}, {sum(s['parameters'] for s in structure):,} parameters "
-              f"(trained with {meta.get('train', {}).get('method', '?')})")
+        trained = meta.get("train", {}).get("method")  # absent where a later prune or fine-tune saved it
+        print(f"compact layers: {len(structure)}, {sum(s['parameters'] for s in structure):,} parameters"
+              + (f" (trained with {trained})" if trained else ""))
     if args.layers:
         for layer in summary["layers"]:
             print(f"  {layer['name']:<40} {str(layer['shape']):<14} {layer['sparsity']:.4f}  {layer['pattern'] or '-'}")
