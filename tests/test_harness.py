@@ -109,7 +109,6 @@ def test_scores_match_an_independent_computation_and_repeat(tiny, one_thread):
 def test_a_compact_losparse_model_loaded_by_sparseforge(tiny_dir, tmp_path, one_thread):
     from sparseforge import load_model, save
     from sparseforge.lowrank import CompactLoSparseLinear
-    from sparseforge.models.modules import structure_manifest
     from sparseforge.training import train
 
     text = tmp_path / "wiki.txt"
@@ -117,7 +116,7 @@ def test_a_compact_losparse_model_loaded_by_sparseforge(tiny_dir, tmp_path, one_
     model, tokenizer = load_model(tiny_dir)
     train(model, tokenizer, method="losparse", task="lm", data=str(text), seq_len=32, steps=4, batch_size=2, lr=1e-3,
           evaluate=False, progress=False, method_options={"keep": 0.4, "initial_steps": 1, "final_steps": 1, "interval": 2})
-    save(model, tokenizer, tmp_path / "compact", metadata={"structure": structure_manifest(model)})
+    save(model, tokenizer, tmp_path / "compact", metadata={})  # the manifest comes from the model
     compact, tokenizer = load_model(tmp_path / "compact")
     assert any(isinstance(m, CompactLoSparseLinear) for m in compact.modules())
     scores = harness.run_tasks(compact, tokenizer, [TASK_NAME], limit=6)["tasks"][TASK_NAME]

@@ -110,9 +110,10 @@ def test_a_damaged_structured_model_is_one_line(model_dir, tmp_path):
     torch.manual_seed(0)
     model = tiny_llama()
     name = "model.layers.0.mlp.down_proj"
-    replace_module(model, name, torch.nn.Linear(128, 64, bias=False))
+    replace_module(model, name, torch.nn.Linear(128, 64, bias=True))  # a bias the config does not build
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    out = save(model, tokenizer, tmp_path / "structured", metadata={"structure": structure_manifest(model, include=[name])})
+    out = save(model, tokenizer, tmp_path / "structured", metadata={})
+    assert json.loads((out / "sparseforge.json").read_text())["structure"] == structure_manifest(model, include=[name])
     load_model(out)  # loads before the damage
     cut_in_half(out / "model.safetensors")
     message = one_line_error(out)

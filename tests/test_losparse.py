@@ -36,7 +36,7 @@ from sparseforge.lowrank import CompactLoSparseLinear, LoSparseLinear, global_ro
 from sparseforge.lowrank.method import LoSparseMethod, densify, losparse_layers
 from sparseforge.methods import build_train_method
 from sparseforge.models.base import get_weight
-from sparseforge.models.modules import block_linears, structure_manifest
+from sparseforge.models.modules import block_linears
 from sparseforge.train import Callback, TrainConfig, Trainer, TrainExamples
 from sparseforge.train.labelled import classification_splits
 from sparseforge.training import model_size, train
@@ -207,7 +207,7 @@ def check_exports(model, tokenizer, captured, inputs, tmp_path, vanilla):
     got = logits(model, inputs)
     torch.testing.assert_close(got, captured["logits"], atol=1e-5, rtol=0)
 
-    save(model, tokenizer, tmp_path / "compact", metadata={"structure": structure_manifest(model)})
+    save(model, tokenizer, tmp_path / "compact", metadata={})  # the manifest comes from the model
     reloaded, _ = load_model(tmp_path / "compact")
     assert sorted(compact_layers(reloaded)) == sorted(compact)
     torch.testing.assert_close(logits(reloaded, inputs), got, atol=1e-5, rtol=0)

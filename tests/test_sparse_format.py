@@ -241,14 +241,14 @@ def test_nothing_to_compress_saves_dense(tiny_dir, tmp_path):
 def test_compact_losparse_layers_compress_their_sparse_rows(tiny_dir, tmp_path):
     """A compact model (structure manifest) works: S's kept rows are compressed, U and V stay dense."""
     from sparseforge.lowrank.layers import CompactLoSparseLinear
-    from sparseforge.models.modules import replace_module, structure_manifest
+    from sparseforge.models.modules import replace_module
 
     model, tokenizer = load_model(tiny_dir)
     rows = torch.rand(10, 64, generator=gen(0)).masked_fill(torch.rand(10, 64, generator=gen(1)) < 0.7, 0)
     layer = CompactLoSparseLinear(torch.randn(128, 4, generator=gen(2)), torch.randn(4, 64, generator=gen(3)), rows,
                                   torch.arange(0, 128, 13)[:10])
     replace_module(model, "model.layers.0.mlp.up_proj", layer)
-    out = save(model, tokenizer, tmp_path / "compact", metadata={"structure": structure_manifest(model)},
+    out = save(model, tokenizer, tmp_path / "compact", metadata={},
                save_format="sparse-bitmask")
     keys = set(load_file(out / "model.safetensors"))
     assert "model.layers.0.mlp.up_proj.sparse_rows.compressed" in keys and "model.layers.0.mlp.up_proj.lowrank_u" in keys
