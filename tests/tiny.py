@@ -25,6 +25,13 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
+def tiny_qwen2():
+    """Qwen2: the LLaMA layout with biases on q/k/v, and an attention that takes its mask without a default."""
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return Qwen2ForCausalLM(config)
+
+
 def tiny_qwen2_mixed():
     """Qwen2 whose layers mix full attention (layer 0) and sliding-window attention (layers 1, 2) over
     a window of 8 tokens, shorter than the test windows: the model hands its blocks different masks."""
@@ -53,7 +60,7 @@ def tiny_bert(num_labels: int = 3):
 
 
 #: causal language models: every one-shot test runs over these
-TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}
+TINY_MODELS = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2}
 #: encoders, for classification
 TINY_ENCODERS = {"bert": tiny_bert}
 
