@@ -25,20 +25,18 @@ def tiny_llama():
     return LlamaForCausalLM(config)
 
 
-def tiny_qwen2():
+def tiny_qwen2(**overrides):
     """Qwen2: the LLaMA layout with biases on q/k/v, and an attention that takes its mask without a default."""
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config = Qwen2Config(**{"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                            **overrides})
     return Qwen2ForCausalLM(config)
 
 
 def tiny_qwen2_mixed():
     """Qwen2 whose layers mix full attention (layer 0) and sliding-window attention (layers 1, 2) over
     a window of 8 tokens, shorter than the test windows: the model hands its blocks different masks."""
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    return Qwen2ForCausalLM(config)
+    return tiny_qwen2(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
 
 
 def tiny_opt():

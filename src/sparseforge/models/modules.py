@@ -192,32 +192,29 @@ def model_structure(model: nn.Module, config_overrides: Mapping | None = None) -
     one, every plain block Linear outside a structured module is recorded (an unchanged one costs
     nothing; the head is never replaced, which would untie it from the embeddings).
     ``config_overrides`` are kept as the manifest's ``"config"``."""
-    manifest = structure_manifest(model)
-    structured = tuple(name + "." for name in manifest["modules"])
+    structured = tuple(name + "." for name, m in model.named_modules() if callable(getattr(m, "structure", None)))
     reference = _config_built_modules(model)
-    if reference is None:
-        candidates = _block_linears_or_none(model)  # never the head: replacing it would untie it
-    else:
-        candidates = dict(model.named_modules())
-    shrunk = []
-    for name, module in candidates.items():
-        if type(module) is not nn.Linear or name.startswith(structured):
-            continue
-        stock = reference.get(name) if reference is not None else None
-        if reference is None or (isinstance(stock, nn.Linear) and (
-                stock.weight.shape != module.weight.shape or (stock.bias is None) != (module.bias is None))):
-            shrunk.append(name)
-    if shrunk:
-        manifest = structure_manifest(model, include=shrunk)
+    # without the config's shapes to compare with: every plain block linear (never the head: it would untie)
+    candidates = _known_block_linears(model) if reference is None else dict(model.named_modules())
+    narrowed = [name for name, module in candidates.items()
+                if type(module) is nn.Linear and not name.startswith(structured)
+                and (reference is None or _differs(module, reference.get(name)))]
+    manifest = structure_manifest(model, include=narrowed)
     if config_overrides:
         manifest["config"] = dict(config_overrides)
     return manifest if manifest["modules"] or manifest["config"] else None
 
 
-def _block_linears_or_none(model: nn.Module) -> dict[str, nn.Module]:
+def _differs(module: nn.Linear, stock: nn.Module | None) -> bool:
+    """A Linear whose shape or bias differs from the config-built one at its place (none there: no change known)."""
+    return isinstance(stock, nn.Linear) and (stock.weight.shape != module.weight.shape
+                                             or (stock.bias is None) != (module.bias is None))
+
+
+def _known_block_linears(model: nn.Module) -> dict[str, nn.Module]:
     try:
         return block_linears(model)
-    except ModelError:  # a family without an adapter: nothing known to record
+    except ModelError:  # a family without an adapter: no block linears known
         return {}
 
 
@@ -233,7 +230,7 @@ def _config_built_modules(model: nn.Module) -> dict[str, nn.Module] | None:
         with torch.device("meta"):
             return dict(type(model)(copy.deepcopy(model.config)).named_modules())
     except Exception as e:  # noqa: BLE001 - any model class: a failed build only means no shapes to compare
-        log.warning("cannot build %s from its config to compare shapes (%s): every plain Linear is recorded",
+        log.warning("cannot build %s from its config to compare shapes (%s): every plain block Linear is recorded",
                     type(model).__name__, first_line(e))
         return None
     finally:
