@@ -154,6 +154,7 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, arg
         title += ", float32" if args.mixed_precision == "no" else f", {args.mixed_precision}"
         flags += f" --mixed-precision {args.mixed_precision}"
     missing = [f"{m} {p}" for m, p in PRUNINGS if not any(r["prune_method"] == m and r["pattern"] == p for r in rows)]
+    when = measured_when(rows)
     body = (
         f"## Recovery fine-tuning: SPP vs LoRA* (SmolLM2-135M{title})\n\n"
         f"Machine: {meta['machine']}, {THREADS} threads. Each pruned model is fine-tuned for {meta['steps']} steps of "
@@ -163,11 +164,27 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, arg
         "trainable parameters (r = 16 row blocks). Perplexity on the one-shot benchmark's held-out windows; dense "
         f"{dense['perplexity']:.2f}. Recovered = (pruned − tuned) / (pruned − dense) perplexity. Both merged "
         "models keep the pruned zero pattern bit for bit (checked in every run). "
-        f"Command: `.venv/bin/python benchmarks/recovery.py{flags}` ({meta['date']}). "
+        f"Command: `.venv/bin/python benchmarks/recovery.py{flags}` ({when}). "
         + (f"Not run yet with these settings: {', '.join(missing)}.\n\n" if missing else "\n\n")
         + "\n".join(lines) + f"\n\n![training loss](recovery_loss{suffix}.png)"
     )
     write_results_section(f"recovery{suffix}", body)
+
+
+def measured_when(rows: list[dict]) -> str:
+    """The date of the table's runs, or, when rows come from several runs, which rows ran when and where."""
+    def key(r: dict) -> tuple:
+        m = r["measured"]
+        return m["date"], m["cpu"], m["native_bf16"]
+
+    runs = sorted({key(r) for r in rows})
+    if len(runs) == 1:
+        return runs[0][0]
+    parts = []
+    for date, cpu, bf16 in runs:
+        names = ", ".join(f"{r['prune_method']} {r['pattern']}" for r in rows if key(r) == (date, cpu, bf16))
+        parts.append(f"{names} on {date}, {cpu}, {'native bf16' if bf16 else 'no native bf16'}")
+    return "; ".join(parts)
 
 
 def verdicts(rows: list[dict]) -> list[str]:
@@ -278,9 +295,32 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "batch_size": args.batch_size,
             "seq_len": args.seq_len, "tokens": args.steps * args.batch_size * args.seq_len,
             "mixed_precision": args.mixed_precision, "lr": {ft: default_lr(ft) for ft in METHODS}}
+    rows, sweep = carry_over(rows, sweep, meta, ROOT / "docs" / f"results_recovery{section_suffix(args)}.json")
     if rows:
         write_docs(rows, sweep, dense, meta, args)
     return 0
+
+
+def carry_over(rows: list[dict], sweep: list[dict], meta: dict, stored: Path) -> tuple[list[dict], list[dict]]:
+    """Keep the published rows whose runs are not in benchmarks/work (another machine ran them, and the
+    work folder does not travel), so a run of one row adds to the table instead of shrinking it. Every row
+    records when and on which CPU it was measured; rows run now replace published ones."""
+    measured = {"date": meta["date"], "cpu": meta["cpu"].get("model_name"),
+                "native_bf16": meta["cpu"].get("native_bf16")}
+    rows = [{**r, "measured": measured} for r in rows]
+    if not stored.exists():
+        return rows, sweep
+    previous = json.loads(stored.read_text())
+    fresh = {(r["prune_method"], r["pattern"]) for r in rows}
+    old_measured = {"date": previous["meta"]["date"], "cpu": previous["meta"]["cpu"].get("model_name"),
+                    "native_bf16": previous["meta"]["cpu"].get("native_bf16")}
+    kept = [{"measured": old_measured, **r} for r in previous["rows"] if (r["prune_method"], r["pattern"]) not in fresh]
+    order = {pruning: i for i, pruning in enumerate(PRUNINGS)}
+    rows = sorted(rows + kept, key=lambda r: order[(r["prune_method"], r["pattern"])])
+    swept = {(s["prune_method"], s["pattern"]) for s in sweep}
+    sweep = sweep + [s for s in previous.get("learning_rate_check", [])
+                     if (s["prune_method"], s["pattern"]) not in swept | fresh]
+    return rows, sweep
 
 
 def collect(dense: dict, args) -> tuple[list[dict], list[dict]]:
