@@ -51,6 +51,7 @@ SUITES = {
         *_ours(("sparsegpt",), ("0.5", "2:4", "0.7"), "bfloat16"),
         ("sparseforge", "wanda", "0.5", "bfloat16", None, None),
         ("sparseforge", "sparsegpt", "0.5", "b4", None, None),  # memory-lean: micro-batches of 4 windows
+        ("sparseforge", "sparsegpt", "0.5", "lowmem", None, None),  # one pass, the FFN intermediate recomputed
         *[("llmcompressor", "sparsegpt", p, None, None, None) for p in ("0.5", "2:4", "0.7")],
         ("llmcompressor", "wanda", "0.5", None, None, None),
     ],
@@ -77,8 +78,8 @@ def run_key(tool, method, pattern, dtype=None, n=None, fraction=None, iterations
 
 
 def parse_key(key):
-    """Optional fields after the pattern: a forward dtype or "bK" (micro-batches of K windows,
-    two passes), "nN" (calibration windows), "fX" (fraction of the blocks pruned, from the first),
+    """Optional fields after the pattern: a forward dtype, "bK" (micro-batches of K windows,
+    two passes) or "lowmem" (one pass with --low-memory), "nN" (calibration windows), "fX" (fraction of the blocks pruned, from the first),
     "kK" (SparseLLM iterations), "tT" (SparseLLM aux tokens, 0 = all)."""
     match = re.match(r"^([\w-]+):([\w-]+):(\d+:\d+|[\d.]+|-)(?::(.*))?$", key)
     tool, method, pattern, tail = match.groups()
@@ -157,9 +158,11 @@ def worker_run(out: Path, key: str) -> None:
     prep = json.loads((out / "prepare.json").read_text())
     tool, method, pattern, dtype, n_calib, fraction, iterations, aux = parse_key(key)
     batch_size = int(dtype[1:]) if dtype and re.fullmatch(r"b\d+", dtype) else None
-    dtype = None if batch_size else dtype
+    low_memory = dtype == "lowmem"
+    dtype = None if batch_size or low_memory else dtype
     result = {"key": key, "tool": tool, "method": method, "pattern": pattern, "compute_dtype": dtype or "float32",
-              "n_calib": n_calib or N_CALIB, "batch_size": batch_size, "block_fraction": fraction or 1.0}
+              "n_calib": n_calib or N_CALIB, "batch_size": batch_size, "low_memory": low_memory,
+              "block_fraction": fraction or 1.0}
     sparsellm_options = {}
     if method == "sparsellm":
         from sparseforge.oneshot.engine import OneShotConfig
@@ -175,7 +178,8 @@ def worker_run(out: Path, key: str) -> None:
         model, _ = load_model(prep["model_dir"])
         calib = torch.load(out / ("calib.pt" if not n_calib else f"calib{n_calib}.pt"))
         report = prune(model, method=method, pattern=pattern, calibration=calib, compute_dtype=dtype,
-                       batch_size=batch_size, block_fraction=fraction or 1.0, progress=False, **sparsellm_options)
+                       batch_size=batch_size, low_memory=low_memory, block_fraction=fraction or 1.0, progress=False,
+                       **sparsellm_options)
         result.update(sparsity=report.sparsity, prune_seconds=report.seconds, peak_rss_mb=peak_rss_mb())
         if report.details:
             result["ffn_logs"] = report.details
@@ -220,7 +224,8 @@ def fmt_table(results: list[dict], dense: dict) -> str:
         rate = f"{r['gflops_per_s']:.0f} ({100 * r['fraction_of_fp32_peak']:.0f}%)" if "gflops_per_s" in r else "-"
         lines.append(
             f"| {r['tool']} | {r['method']} | {r['pattern']} | {r['compute_dtype']}"
-            f"{' (two-pass, batch ' + str(r['batch_size']) + ')' if r.get('batch_size') else ''} | {r['perplexity']:.2f} | "
+            f"{' (two-pass, batch ' + str(r['batch_size']) + ')' if r.get('batch_size') else ''}"
+            f"{' (one pass, --low-memory)' if r.get('low_memory') else ''} | {r['perplexity']:.2f} | "
             f"{r['sparsity']:.4f} | {r['prune_seconds']:.1f} | {ratio} | {r['peak_rss_mb']:.0f} | {rate} |"
         )
     return "\n".join(lines)

@@ -82,12 +82,13 @@ def test_prune_eval_info_end_to_end(capsys, tiny_dir, tmp_path):
     out = tmp_path / "pruned"
     code, stdout, err = run(capsys, "prune", "--model", str(tiny_dir), "--method", "wanda", "--pattern", "2:4",
                             "--n-calib", "4", "--seq-len", "32", "--eval-windows", "2", "--output", str(out),
-                            "--json", str(tmp_path / "r.json"))
+                            "--json", str(tmp_path / "r.json"), "--low-memory")
     assert code == 0, err
     assert "perplexity  dense" in stdout and "sparsity 0.5000" in stdout
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["metrics"]["pruned"]["n_windows"] == 2
-    assert json.loads((out / "sparseforge.json").read_text())["pruning"]["config"]["method"] == "wanda"
+    config = json.loads((out / "sparseforge.json").read_text())["pruning"]["config"]
+    assert config["method"] == "wanda" and config["low_memory"] is True
     assert_error(capsys, ["prune", "--model", str(tiny_dir), "--no-eval", "--output", str(out)], "--overwrite")
 
     code, stdout, _ = run(capsys, "eval", "--model", str(out), "--seq-len", "32", "--eval-windows", "2")

@@ -228,6 +228,53 @@ def test_chunked_block_prunes_as_the_whole_forward(calib_windows, monkeypatch, f
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize(("family", "method", "wide", "narrow"), [
+    ("llama", "sparsegpt", "mlp.up_proj", "self_attn.q_proj"),
+    ("qwen2", "wanda", "mlp.up_proj", "self_attn.q_proj"),
+    ("gpt2", "sparsegpt", "mlp.c_fc", "attn.c_attn"),
+])
+def test_low_memory_recomputes_the_ffn_and_prunes_the_same(calib_windows, monkeypatch, family, method, wide, narrow):
+    """``low_memory`` drops the kept FFN intermediate and runs the FFN's first layers once more per chunk
+    for the block's output; the attention output (as narrow as the residual stream) is still kept. The
+    recomputation is the same arithmetic on the same tensors, so weights and logits are bit for bit the
+    default's."""
+    import sparseforge.oneshot.engine as engine
+    from tiny import TINY_MODELS
+
+    monkeypatch.setattr(engine, "CHUNK_TOKENS", 64)  # 2 chunks of 2 windows of 32 tokens
+
+    def run(low_memory):
+        torch.manual_seed(0)
+        model = TINY_MODELS[family]().eval()
+        block = get_adapter(model).blocks[0]
+        calls = {wide: 0, narrow: 0}
+        handles = [block.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: calls.__setitem__(n, calls[n] + 1)) for n in calls]
+        prune(model, method=method, sparsity=0.6, calibration=calib_windows, low_memory=low_memory, progress=False)
+        for h in handles:
+            h.remove()
+        weights = {n: get_weight(m).detach().clone() for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
+        return weights, logits(model, calib_windows), calls
+
+    kept_weights, kept_logits, kept_calls = run(False)
+    lean_weights, lean_logits, lean_calls = run(True)
+    assert lean_calls[wide] == kept_calls[wide] + 2, (kept_calls, lean_calls)  # once more per chunk
+    assert lean_calls[narrow] == kept_calls[narrow], (kept_calls, lean_calls)  # attention not rerun
+    for name, weight in kept_weights.items():
+        assert torch.equal(lean_weights[name], weight), name
+    assert torch.equal(lean_logits, kept_logits)
+
+
+def test_low_memory_says_when_it_changes_nothing(calib_windows, caplog):
+    """In the two-pass mode nothing is kept, so ``low_memory`` has nothing to drop: a warning says so."""
+    model = tiny_llama().eval()
+    with caplog.at_level("WARNING", logger="sparseforge"):
+        prune(model, method="wanda", sparsity=0.5, calibration=calib_windows, batch_size=2, low_memory=True,
+              progress=False)
+    assert "changes nothing" in caplog.text
+
+
 @pytest.mark.parametrize(("family", "first_linear"), [("llama", "self_attn.q_proj"), ("gpt2", "attn.c_attn")])
 def test_chunked_path_runs_the_block_a_window_chunk_at_a_time(calib_windows, monkeypatch, family, first_linear):
     """The one-pass default takes the chunked path where the adapter allows (GPT-2's model passes some

@@ -19,6 +19,11 @@ each alone beside the residual stream. Where the last group is more than one
 layer (SparseLLM's joint FFN) the branch runs once more after pruning. The
 residual stream is updated in place: the block's input tensor becomes its
 output.
+
+``low_memory`` keeps only a last input no wider than the residual stream (the
+attention output) and runs the branch once more for a wider one (the FFN
+intermediate): the same arithmetic on the same tensors, so the same output bit
+for bit, at the cost of the FFN's first layers once more.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..models.base import ResidualBranch
+from ..models.base import ResidualBranch, in_features
 
 
 class _StopBranch(Exception):
@@ -91,9 +96,11 @@ def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None) -> torch.Tens
 
 
 def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...], linear_names: list[str],
-                          hidden: torch.Tensor, kwargs: dict, groups: list, chunk_windows: int) -> torch.Tensor:
+                          hidden: torch.Tensor, kwargs: dict, groups: list, chunk_windows: int,
+                          low_memory: bool = False) -> torch.Tensor:
     """Prune ``groups`` (objects with ``names``, ``stats.add`` and ``prune()``, in execution order) and
-    return the pruned block's output, computed in place in ``hidden`` (windows x tokens x width)."""
+    return the pruned block's output, computed in place in ``hidden`` (windows x tokens x width).
+    ``low_memory``: recompute a branch's last input wider than ``hidden`` instead of keeping it."""
     n_windows = hidden.shape[0]
     spans = [(s, min(s + chunk_windows, n_windows)) for s in range(0, n_windows, chunk_windows)]
     chunk_kwargs = [slice_windows(kwargs, s, e, n_windows) for s, e in spans]
@@ -109,13 +116,16 @@ def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...]
     if stray:
         raise ModelError(f"{', '.join(stray)} lie in no residual branch of the adapter: fix the adapter")
     for branch, mine, last_linear in plan:
-        _prune_branch(block, branch, mine, last_linear, hidden, spans, chunk_kwargs)
+        keep_last = not (low_memory and in_features(block.get_submodule(last_linear)) > hidden.shape[-1])
+        _prune_branch(block, branch, mine, last_linear, hidden, spans, chunk_kwargs, keep_last)
     return hidden
 
 
 def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str, hidden: torch.Tensor,
-                  spans: list[tuple[int, int]], chunk_kwargs: list[dict]) -> None:
-    """Prune the branch's groups in order, then add the pruned branch's output to ``hidden``."""
+                  spans: list[tuple[int, int]], chunk_kwargs: list[dict], keep_last: bool = True) -> None:
+    """Prune the branch's groups in order, then add the pruned branch's output to ``hidden``; the last
+    layer's input is kept as it is gathered when ``keep_last`` (and that layer is a group alone), else the
+    branch runs once more."""
     norm, module = block.get_submodule(branch.norm), block.get_submodule(branch.module)
     if branch.block_kwargs:
         chunk_kwargs = [_accepted_keywords(module, kwargs) for kwargs in chunk_kwargs]
@@ -126,7 +136,7 @@ def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str,
 
     kept: list[torch.Tensor] | None = None
     for position, group in enumerate(groups):
-        keep = position == len(groups) - 1 and list(group.names) == [last_linear]
+        keep = keep_last and position == len(groups) - 1 and list(group.names) == [last_linear]
         kept = [] if keep else None
         seen = [0]
 

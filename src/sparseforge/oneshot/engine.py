@@ -65,6 +65,9 @@ class OneShotConfig:
     propagate: str = "pruned"
     #: calibration windows per forward call; None = all at once (one pass per block)
     batch_size: int | None = None
+    #: one pass: recompute the FFN intermediate for the block's output instead of keeping it
+    #: (a lower peak, the FFN's first layers run once more; the same weights and outputs)
+    low_memory: bool = False
     #: dtype of the block forward passes (statistics stay float32); None = the model's
     compute_dtype: str | None = None
     dampening: float = 0.01
@@ -121,6 +124,7 @@ class OneShotConfig:
             "block_fraction": self.block_fraction,
             "propagate": self.propagate,
             "batch_size": self.batch_size,
+            "low_memory": self.low_memory,
             "compute_dtype": self.compute_dtype,
             "dampening": self.dampening,
             "block_size": self.block_size,
@@ -434,6 +438,9 @@ def prune_model(
         else:
             batch_size = config.batch_size or n_windows
             batches = list(torch.split(calibration, batch_size))
+            if config.low_memory and (len(batches) > 1 or config.propagate == "dense" or not adapter.residual_branches):
+                log.warning("low_memory applies to the one pass of pre-norm blocks with pruned outputs "
+                            "propagated; this run keeps no FFN intermediate to drop, so it changes nothing")
             release_free_memory()
             hidden, calls = capture_block_inputs(model, blocks, batches, last_block)
             bar = tqdm(range(last_block + 1), desc=f"{method.name} {config.pattern}", disable=not progress)
@@ -539,7 +546,7 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
         if compute_dtype is not None:
             keywords = _cast_floats(keywords, compute_dtype)
         out = prune_block_in_chunks(block, adapter.residual_branches, adapter.linear_names, x, keywords,
-                                    groups, chunk_windows)
+                                    groups, chunk_windows, low_memory=config.low_memory)
         outputs = [out.to(model_dtype)]
         del x, out
         return _finish_block(block, prefix, modules, groups, joint, snapshot, model_dtype, outputs)
