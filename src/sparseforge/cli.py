@@ -168,8 +168,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     p.add_argument("--batch-size", type=integer(1), default=None,
                    help="calibration windows per forward; default all at once (one pass per block)")
     p.add_argument("--low-memory", action="store_true",
-                   help="one pass: recompute the FFN intermediate instead of keeping it (lower peak memory, "
-                        "~25%% more time, the same result)")
+                   help="one pass: keep none of the FFN intermediate, recompute it (the lowest peak memory; "
+                        "the FFN's first layers run once more; the same result)")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the calibration forward passes; auto (default): bfloat16 where the CPU (AVX-512 BF16, "
                         "AMX) or GPU computes it natively, else float32 (emulated bf16 is ~10x slower)")

@@ -12,23 +12,23 @@ For each group of a branch, in execution order, the branch runs chunk by chunk
 up to the group's first layer, where a hook adds the chunk to the statistics
 and stops the call; the prefix before a group is cheap except for the last
 group (attention before o_proj, gate/up before down_proj). The last group's
-input is kept, so the branch's output is that layer applied to it: no part of
-the branch runs twice. Kept are the attention output (hidden-size) and the FFN
-intermediate (~2.7x hidden-size: 96 MiB for SmolLM2's 16k calibration tokens),
-each alone beside the residual stream. Where the last group is more than one
-layer (SparseLLM's joint FFN) the branch runs once more after pruning. The
-residual stream is updated in place: the block's input tensor becomes its
-output.
-
-``low_memory`` keeps only a last input no wider than the residual stream (the
-attention output) and runs the branch once more for a wider one (the FFN
-intermediate): the same arithmetic on the same tensors, so the same output bit
-for bit, at the cost of the FFN's first layers once more.
+input is kept as it is gathered, so the branch's output is that layer applied
+to it; for the chunks not kept the branch runs once more after pruning.
+Recomputing is the same arithmetic on the same tensors, so the output is the
+same bit for bit either way. How much of a last input wider than the residual
+stream (the FFN intermediate, ~2.7x as wide in SmolLM2) is kept is
+``keep_wide``: "all" (fastest), "stream" (its first chunks, up to the size
+of the residual stream: beside the stream at most one stream's worth of
+activations is held) or "none". The attention output, as wide as the stream,
+is always kept. Where the last group is more than one layer (SparseLLM's
+joint FFN) the branch runs once more after pruning. The residual stream is
+updated in place: the block's input tensor becomes its output.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -97,10 +97,11 @@ def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None) -> torch.Tens
 
 def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...], linear_names: list[str],
                           hidden: torch.Tensor, kwargs: dict, groups: list, chunk_windows: int,
-                          low_memory: bool = False) -> torch.Tensor:
+                          keep_wide: str = "all") -> torch.Tensor:
     """Prune ``groups`` (objects with ``names``, ``stats.add`` and ``prune()``, in execution order) and
     return the pruned block's output, computed in place in ``hidden`` (windows x tokens x width).
-    ``low_memory``: recompute a branch's last input wider than ``hidden`` instead of keeping it."""
+    ``keep_wide``: how much of a branch's last input wider than ``hidden`` is kept ("all", "stream": up to
+    ``hidden``'s size, "none"); the rest is recomputed."""
     n_windows = hidden.shape[0]
     spans = [(s, min(s + chunk_windows, n_windows)) for s in range(0, n_windows, chunk_windows)]
     chunk_kwargs = [slice_windows(kwargs, s, e, n_windows) for s, e in spans]
@@ -116,16 +117,17 @@ def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...]
     if stray:
         raise ModelError(f"{', '.join(stray)} lie in no residual branch of the adapter: fix the adapter")
     for branch, mine, last_linear in plan:
-        keep_last = not (low_memory and in_features(block.get_submodule(last_linear)) > hidden.shape[-1])
-        _prune_branch(block, branch, mine, last_linear, hidden, spans, chunk_kwargs, keep_last)
+        wide = in_features(block.get_submodule(last_linear)) > hidden.shape[-1]
+        budget = {"all": math.inf, "stream": hidden.numel(), "none": 0}[keep_wide] if wide else math.inf
+        _prune_branch(block, branch, mine, last_linear, hidden, spans, chunk_kwargs, budget)
     return hidden
 
 
 def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str, hidden: torch.Tensor,
-                  spans: list[tuple[int, int]], chunk_kwargs: list[dict], keep_last: bool = True) -> None:
-    """Prune the branch's groups in order, then add the pruned branch's output to ``hidden``; the last
-    layer's input is kept as it is gathered when ``keep_last`` (and that layer is a group alone), else the
-    branch runs once more."""
+                  spans: list[tuple[int, int]], chunk_kwargs: list[dict], keep_budget: float) -> None:
+    """Prune the branch's groups in order, then add the pruned branch's output to ``hidden``. Where the
+    last group is the last layer alone, its input is kept as it is gathered, chunk by chunk while the
+    chunks kept hold at most ``keep_budget`` elements; the branch runs once more for the other chunks."""
     norm, module = block.get_submodule(branch.norm), block.get_submodule(branch.module)
     if branch.block_kwargs:
         chunk_kwargs = [_accepted_keywords(module, kwargs) for kwargs in chunk_kwargs]
@@ -136,15 +138,18 @@ def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str,
 
     kept: list[torch.Tensor] | None = None
     for position, group in enumerate(groups):
-        keep = keep_last and position == len(groups) - 1 and list(group.names) == [last_linear]
+        keep = position == len(groups) - 1 and list(group.names) == [last_linear]
         kept = [] if keep else None
         seen = [0]
+        room = [keep_budget]
 
-        def gather(mod, args, group=group, kept=kept, seen=seen):
+        def gather(mod, args, group=group, kept=kept, seen=seen, room=room):
             group.stats.add(args[0])
             seen[0] += 1
             if kept is not None:
-                kept.append(args[0])
+                fits = args[0].numel() <= room[0]
+                kept.append(args[0] if fits else None)  # a chunk not kept is recomputed
+                room[0] -= args[0].numel() if fits else room[0]  # kept chunks stay the first ones
             raise _StopBranch
 
         handle = block.get_submodule(group.names[0]).register_forward_pre_hook(gather)
@@ -160,7 +165,7 @@ def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str,
             raise ModelError(f"{group.names[0]} was not called in every chunk of '{branch.module}': fix the adapter")
         group.prune()
     for i, (s, e) in enumerate(spans):
-        out = block.get_submodule(last_linear)(kept[i]) if kept is not None else run(i)
+        out = block.get_submodule(last_linear)(kept[i]) if kept is not None and kept[i] is not None else run(i)
         hidden[s:e] += out
         if kept is not None:
             kept[i] = None  # free the chunk as soon as it is used
