@@ -147,9 +147,12 @@ def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str,
             group.stats.add(args[0])
             seen[0] += 1
             if kept is not None:
-                fits = args[0].numel() <= room[0]
-                kept.append(args[0] if fits else None)  # a chunk not kept is recomputed
-                room[0] -= args[0].numel() if fits else room[0]  # kept chunks stay the first ones
+                if args[0].numel() <= room[0]:
+                    kept.append(args[0])
+                    room[0] -= args[0].numel()
+                else:
+                    kept.append(None)  # recomputed after pruning
+                    room[0] = 0  # the kept chunks are the first ones
             raise _StopBranch
 
         handle = block.get_submodule(group.names[0]).register_forward_pre_hook(gather)
