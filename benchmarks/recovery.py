@@ -305,16 +305,16 @@ def carry_over(rows: list[dict], sweep: list[dict], meta: dict, stored: Path) ->
     """Keep the published rows whose runs are not in benchmarks/work (another machine ran them, and the
     work folder does not travel), so a run of one row adds to the table instead of shrinking it. Every row
     records when and on which CPU it was measured; rows run now replace published ones."""
-    measured = {"date": meta["date"], "cpu": meta["cpu"].get("model_name"),
-                "native_bf16": meta["cpu"].get("native_bf16")}
-    rows = [{**r, "measured": measured} for r in rows]
+    def measured(meta: dict) -> dict:
+        return {"date": meta["date"], "cpu": meta["cpu"].get("model_name"), "native_bf16": meta["cpu"].get("native_bf16")}
+
+    rows = [{**r, "measured": measured(meta)} for r in rows]
     if not stored.exists():
         return rows, sweep
     previous = json.loads(stored.read_text())
     fresh = {(r["prune_method"], r["pattern"]) for r in rows}
-    old_measured = {"date": previous["meta"]["date"], "cpu": previous["meta"]["cpu"].get("model_name"),
-                    "native_bf16": previous["meta"]["cpu"].get("native_bf16")}
-    kept = [{"measured": old_measured, **r} for r in previous["rows"] if (r["prune_method"], r["pattern"]) not in fresh]
+    kept = [{"measured": measured(previous["meta"]), **r} for r in previous["rows"]
+            if (r["prune_method"], r["pattern"]) not in fresh]
     order = {pruning: i for i, pruning in enumerate(PRUNINGS)}
     rows = sorted(rows + kept, key=lambda r: order[(r["prune_method"], r["pattern"])])
     swept = {(s["prune_method"], s["pattern"]) for s in sweep}

@@ -81,13 +81,13 @@ def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
     return named
 
 
-def _accepted_keywords(module: nn.Module, kwargs: dict) -> dict:
-    """The block's keywords the branch module takes: all where its forward has ``**kwargs``, else those it
-    names (a block passes some only its own code reads, e.g. GPT-2's encoder states)."""
+def _accepted_keywords(module: nn.Module, chunk_kwargs: list[dict]) -> list[dict]:
+    """Each chunk's block keywords that the branch module takes: all where its forward has ``**kwargs``,
+    else those it names (a block passes some only its own code reads, e.g. GPT-2's encoder states)."""
     parameters = inspect.signature(module.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in parameters}
+        return chunk_kwargs
+    return [{k: v for k, v in kwargs.items() if k in parameters} for kwargs in chunk_kwargs]
 
 
 def _call(module: nn.Module, x: torch.Tensor, kwargs: dict | None) -> torch.Tensor:
@@ -130,7 +130,7 @@ def _prune_branch(block, branch: ResidualBranch, groups: list, last_linear: str,
     chunks kept hold at most ``keep_budget`` elements; the branch runs once more for the other chunks."""
     norm, module = block.get_submodule(branch.norm), block.get_submodule(branch.module)
     if branch.block_kwargs:
-        chunk_kwargs = [_accepted_keywords(module, kwargs) for kwargs in chunk_kwargs]
+        chunk_kwargs = _accepted_keywords(module, chunk_kwargs)
 
     def run(i: int) -> torch.Tensor:
         s, e = spans[i]

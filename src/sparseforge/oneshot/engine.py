@@ -439,7 +439,7 @@ def prune_model(
         else:
             batch_size = config.batch_size or n_windows
             batches = list(torch.split(calibration, batch_size))
-            if config.low_memory and (len(batches) > 1 or config.propagate == "dense" or not adapter.residual_branches):
+            if config.low_memory and not _branchwise_one_pass(adapter, config, len(batches)):
                 log.warning("low_memory applies to the one pass of pre-norm blocks with pruned outputs "
                             "propagated; this run keeps no FFN intermediate to drop, so it changes nothing")
             release_free_memory()
@@ -462,6 +462,12 @@ def prune_model(
             del hidden, calls
     model.train(was_training)
     return OneShotReport(config.to_dict(), results, time.perf_counter() - start, n_windows, seq_len, details=details)
+
+
+def _branchwise_one_pass(adapter, config: OneShotConfig, n_batches: int) -> bool:
+    """Whether blocks are pruned branch by branch in chunks (chunked.py): one pass over all windows,
+    pruned outputs propagated, and a family whose blocks are residual branches."""
+    return n_batches == 1 and config.propagate == "pruned" and bool(adapter.residual_branches)
 
 
 def keep_wide_inputs(method, config: OneShotConfig) -> str:
@@ -549,7 +555,7 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
 
     one_pass = len(hidden) == 1
     keywords = None
-    if one_pass and config.propagate == "pruned" and adapter.residual_branches:
+    if _branchwise_one_pass(adapter, config, len(hidden)):
         keywords = block_keywords(block, calls[0].args, calls[0].kwargs)
     if keywords is not None:
         # the memory-lean path: the block branch by branch, a few windows at a time
