@@ -143,10 +143,11 @@ def write_docs(rows: list[dict], sweep: list[dict], dense: dict, meta: dict, arg
     lines += ["", "Against the targets (computed from the rows above):", ""] + [f"- {v}" for v in verdicts(rows)]
     if sweep:
         lines += ["", "Learning-rate check (same budget and batches; `--lr-spp` / `--lr-lora` with `--only`):", "",
-                  "| pruning | pattern | method | lr | perplexity | recovered |", "|---|---|---|---:|---:|---:|"]
-        lines += [f"| {s['prune_method']} | {s['pattern']} | {s['method']} | {s['lr']:g} | {s['perplexity']:.2f} | "
-                  f"{100 * s['recovered']:.0f}% |" for s in sorted(sweep, key=lambda s: (s["prune_method"], s["pattern"],
-                                                                                          s["method"], s["lr"]))]
+                  "| pruning | pattern | method | lr | pruned ppl | perplexity | recovered | measured |",
+                  "|---|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {s['prune_method']} | {s['pattern']} | {s['method']} | {s['lr']:g} | {s['pruned']:.2f} | "
+                  f"{s['perplexity']:.2f} | {100 * s['recovered']:.0f}% | {s['measured']['date']} |"
+                  for s in sorted(sweep, key=lambda s: (s["prune_method"], s["pattern"], s["method"], s["lr"]))]
     other_budget = (args.steps, args.batch_size, args.seq_len) != DEFAULT_BUDGET
     flags = "" if not other_budget else f" --steps {args.steps} --batch-size {args.batch_size} --seq-len {args.seq_len}"
     title = "" if not other_budget else f", {args.steps} steps of {args.batch_size} x {args.seq_len} tokens"
@@ -175,7 +176,7 @@ def measured_when(rows: list[dict]) -> str:
     """The date of the table's runs, or, when rows come from several runs, which rows ran when and where."""
     def key(r: dict) -> tuple:
         m = r["measured"]
-        return m["date"], m["cpu"], m["native_bf16"]
+        return m["date"], m["cpu"] or "", m["native_bf16"]
 
     runs = sorted({key(r) for r in rows})
     if len(runs) == 1:
@@ -183,7 +184,8 @@ def measured_when(rows: list[dict]) -> str:
     parts = []
     for date, cpu, bf16 in runs:
         names = ", ".join(f"{r['prune_method']} {r['pattern']}" for r in rows if key(r) == (date, cpu, bf16))
-        parts.append(f"{names} on {date}, {cpu}, {'native bf16' if bf16 else 'no native bf16'}")
+        where = f"{cpu}, {'native bf16' if bf16 else 'no native bf16'}" if cpu else "CPU not recorded"
+        parts.append(f"{names} on {date}, {where}")
     return "; ".join(parts)
 
 
@@ -304,23 +306,45 @@ def main() -> int:
 def carry_over(rows: list[dict], sweep: list[dict], meta: dict, stored: Path) -> tuple[list[dict], list[dict]]:
     """Keep the published rows whose runs are not in benchmarks/work (another machine ran them, and the
     work folder does not travel), so a run of one row adds to the table instead of shrinking it. Every row
-    records when and on which CPU it was measured; rows run now replace published ones."""
-    def measured(meta: dict) -> dict:
-        return {"date": meta["date"], "cpu": meta["cpu"].get("model_name"), "native_bf16": meta["cpu"].get("native_bf16")}
-
-    rows = [{**r, "measured": measured(meta)} for r in rows]
+    and every learning-rate run records when and on which CPU it was measured; rows run now replace
+    published ones. A replaced row's runs stay in the learning-rate check when they used other rates than
+    today's defaults (the grid of earlier defaults is the check's first column, not lost)."""
+    now = measured(meta)
+    rows = [{**r, "measured": now} for r in rows]
+    sweep = [{**s, "measured": now} for s in sweep]
     if not stored.exists():
         return rows, sweep
     previous = json.loads(stored.read_text())
+    then = measured(previous["meta"])
     fresh = {(r["prune_method"], r["pattern"]) for r in rows}
-    kept = [{"measured": measured(previous["meta"]), **r} for r in previous["rows"]
-            if (r["prune_method"], r["pattern"]) not in fresh]
+    kept = [{"measured": then, **r} for r in previous["rows"] if (r["prune_method"], r["pattern"]) not in fresh]
     order = {pruning: i for i, pruning in enumerate(PRUNINGS)}
     rows = sorted(rows + kept, key=lambda r: order[(r["prune_method"], r["pattern"])])
-    swept = {(s["prune_method"], s["pattern"]) for s in sweep}
-    sweep = sweep + [s for s in previous.get("learning_rate_check", [])
-                     if (s["prune_method"], s["pattern"]) not in swept | fresh]
-    return rows, sweep
+
+    def run_key(s: dict) -> tuple:
+        return s["prune_method"], s["pattern"], s["method"], round(s["lr"], 12)
+
+    def default_runs(r: dict) -> list[dict]:
+        return [{"prune_method": r["prune_method"], "pattern": r["pattern"], "method": ft, "lr": r[ft]["lr"],
+                 "pruned": r["pruned"], "perplexity": r[ft]["perplexity"], "recovered": r["recovered"][ft],
+                 "measured": r.get("measured", then)} for ft in METHODS]
+
+    # later entries replace earlier ones with the same pruning, method and rate: published check, then the
+    # published rows (earlier defaults), then the rows and check runs measured now
+    runs = {}
+    for s in [{"measured": then, **s} for s in previous.get("learning_rate_check", [])] + \
+            [s for r in previous["rows"] for s in default_runs(r)] + [s for r in rows for s in default_runs(r)] + sweep:
+        runs[run_key(s)] = s
+    # the check is only worth a table for a pruning with runs at other rates than today's defaults
+    checked = {(s["prune_method"], s["pattern"]) for s in runs.values()
+               if not math.isclose(s["lr"], default_lr(s["method"]))}
+    return rows, [s for s in runs.values() if (s["prune_method"], s["pattern"]) in checked]
+
+
+def measured(meta: dict) -> dict:
+    """When and on which CPU a table's runs were measured (tables written before this was recorded: date only)."""
+    cpu = meta.get("cpu", {})
+    return {"date": meta["date"], "cpu": cpu.get("model_name"), "native_bf16": cpu.get("native_bf16")}
 
 
 def collect(dense: dict, args) -> tuple[list[dict], list[dict]]:
