@@ -281,6 +281,17 @@ def test_low_memory_says_when_it_changes_nothing(calib_windows, caplog):
     assert "changes nothing" in caplog.text
 
 
+def test_keep_rules_are_known_and_an_unknown_one_fails():
+    """Every method's keep rule is one the chunked pass knows; any other fails before any work."""
+    from sparseforge.oneshot.chunked import KEEP_WIDE, prune_block_in_chunks
+    from sparseforge.oneshot.methods import METHODS
+
+    assert {m.keep_wide for m in METHODS.values()} <= set(KEEP_WIDE)
+    assert METHODS["sparsegpt"].keep_wide == "stream" and METHODS["wanda"].keep_wide == "all"
+    with pytest.raises(ValueError, match="keep_wide must be one of all, stream, none"):
+        prune_block_in_chunks(torch.nn.Identity(), (), [], torch.zeros(1, 2, 4), {}, [], 1, keep_wide="half")
+
+
 @pytest.mark.parametrize(("family", "first_linear"), [("llama", "self_attn.q_proj"), ("gpt2", "attn.c_attn")])
 def test_chunked_path_runs_the_block_a_window_chunk_at_a_time(calib_windows, monkeypatch, family, first_linear):
     """The one-pass default takes the chunked path where the adapter allows (GPT-2's model passes some

@@ -36,6 +36,9 @@ from torch import nn
 from ..errors import ModelError
 from ..models.base import ResidualBranch, in_features
 
+#: how much of a branch's last input wider than the residual stream the one pass keeps
+KEEP_WIDE = ("all", "stream", "none")
+
 
 class _StopBranch(Exception):
     pass
@@ -102,6 +105,8 @@ def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...]
     return the pruned block's output, computed in place in ``hidden`` (windows x tokens x width).
     ``keep_wide``: how much of a branch's last input wider than ``hidden`` is kept ("all", "stream": up to
     ``hidden``'s size, "none"); the rest is recomputed."""
+    if keep_wide not in KEEP_WIDE:
+        raise ValueError(f"keep_wide must be one of {', '.join(KEEP_WIDE)}, not {keep_wide!r}")
     n_windows = hidden.shape[0]
     spans = [(s, min(s + chunk_windows, n_windows)) for s in range(0, n_windows, chunk_windows)]
     chunk_kwargs = [slice_windows(kwargs, s, e, n_windows) for s, e in spans]
