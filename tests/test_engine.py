@@ -331,7 +331,29 @@ def test_block_keywords_refuses_a_hidden_signature():
         def forward(self, *args, **kwargs):
             return args[0]
 
-    assert block_keywords(Wrapped(), (None,), {}) is None
+    assert block_keywords(Wrapped(), (None,), {}, 4) is None
+
+
+def test_block_keywords_refuse_per_window_state_they_cannot_slice():
+    """An object holding a tensor per window (as a flex-attention BlockMask of a padded batch does) would
+    reach every chunk whole: the block then runs whole. Tensors, shared objects and one window are fine."""
+    from sparseforge.oneshot.chunked import block_keywords
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden, attention_mask=None, position_embeddings=None):
+            return hidden
+
+    class Mask:  # stands for a BlockMask: its block counts have a leading batch dimension
+        def __init__(self, batch):
+            self.kv_num_blocks = torch.zeros(batch, 2, 1, dtype=torch.int32)
+
+    rotary = (torch.zeros(1, 8, 4), torch.zeros(1, 8, 4))
+    assert block_keywords(Block(), (), {"attention_mask": Mask(4), "position_embeddings": rotary}, 4) is None
+    assert block_keywords(Block(), (), {"attention_mask": {"full": Mask(4)}}, 4) is None
+    kept = block_keywords(Block(), (), {"attention_mask": Mask(1), "position_embeddings": rotary}, 4)
+    assert set(kept) == {"attention_mask", "position_embeddings"}
+    assert block_keywords(Block(), (), {"attention_mask": torch.zeros(4, 1, 8, 8)}, 4) is not None
+    assert block_keywords(Block(), (), {"attention_mask": Mask(4)}, 1) is not None  # one window: no chunks
 
 
 def test_chunked_path_names_a_layer_outside_every_branch(calib_windows, monkeypatch):

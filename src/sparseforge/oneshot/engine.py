@@ -550,7 +550,7 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
     one_pass = len(hidden) == 1
     keywords = None
     if _branchwise_one_pass(adapter, config, len(hidden)):
-        keywords = block_keywords(block, calls[0].args, calls[0].kwargs)
+        keywords = block_keywords(block, calls[0].args, calls[0].kwargs, len(hidden[0]))
     if keywords is not None:
         # the memory-lean path: the block branch by branch, a few windows at a time
         x = hidden[0] if compute_dtype is None else hidden[0].to(compute_dtype)
