@@ -281,6 +281,17 @@ def test_low_memory_says_when_it_changes_nothing(calib_windows, caplog):
     assert "changes nothing" in caplog.text
 
 
+def test_keep_rules_are_known_and_an_unknown_one_fails():
+    """Every method's keep rule is one the chunked pass knows; any other fails before any work."""
+    from sparseforge.oneshot.chunked import KEEP_WIDE, prune_block_in_chunks
+    from sparseforge.oneshot.methods import METHODS
+
+    assert {m.keep_wide for m in METHODS.values()} <= set(KEEP_WIDE)
+    assert METHODS["sparsegpt"].keep_wide == "stream" and METHODS["wanda"].keep_wide == "all"
+    with pytest.raises(ValueError, match="keep_wide must be one of all, stream, none"):
+        prune_block_in_chunks(torch.nn.Identity(), (), [], torch.zeros(1, 2, 4), {}, [], 1, keep_wide="half")
+
+
 @pytest.mark.parametrize(("family", "first_linear"), [("llama", "self_attn.q_proj"), ("gpt2", "attn.c_attn")])
 def test_chunked_path_runs_the_block_a_window_chunk_at_a_time(calib_windows, monkeypatch, family, first_linear):
     """The one-pass default takes the chunked path where the adapter allows (GPT-2's model passes some
@@ -320,7 +331,29 @@ def test_block_keywords_refuses_a_hidden_signature():
         def forward(self, *args, **kwargs):
             return args[0]
 
-    assert block_keywords(Wrapped(), (None,), {}) is None
+    assert block_keywords(Wrapped(), (None,), {}, 4) is None
+
+
+def test_block_keywords_refuse_per_window_state_they_cannot_slice():
+    """An object holding a tensor per window (as a flex-attention BlockMask of a padded batch does) would
+    reach every chunk whole: the block then runs whole. Tensors, shared objects and one window are fine."""
+    from sparseforge.oneshot.chunked import block_keywords
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden, attention_mask=None, position_embeddings=None):
+            return hidden
+
+    class Mask:  # stands for a BlockMask: its block counts have a leading batch dimension
+        def __init__(self, batch):
+            self.kv_num_blocks = torch.zeros(batch, 2, 1, dtype=torch.int32)
+
+    rotary = (torch.zeros(1, 8, 4), torch.zeros(1, 8, 4))
+    assert block_keywords(Block(), (), {"attention_mask": Mask(4), "position_embeddings": rotary}, 4) is None
+    assert block_keywords(Block(), (), {"attention_mask": {"full": Mask(4)}}, 4) is None
+    kept = block_keywords(Block(), (), {"attention_mask": Mask(1), "position_embeddings": rotary}, 4)
+    assert set(kept) == {"attention_mask", "position_embeddings"}
+    assert block_keywords(Block(), (), {"attention_mask": torch.zeros(4, 1, 8, 8)}, 4) is not None
+    assert block_keywords(Block(), (), {"attention_mask": Mask(4)}, 1) is not None  # one window: no chunks
 
 
 def test_chunked_path_names_a_layer_outside_every_branch(calib_windows, monkeypatch):

@@ -36,6 +36,9 @@ from torch import nn
 from ..errors import ModelError
 from ..models.base import ResidualBranch, in_features
 
+#: how much of a branch's last input wider than the residual stream the one pass keeps
+KEEP_WIDE = ("all", "stream", "none")
+
 
 class _StopBranch(Exception):
     pass
@@ -56,10 +59,25 @@ def slice_windows(obj, start: int, stop: int, n_windows: int):
     return obj
 
 
-def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
+def per_window_state(obj, n_windows: int) -> bool:
+    """Whether ``obj`` is an object ``slice_windows`` would pass whole although it holds a tensor per
+    window (a flex-attention BlockMask built for a padded batch, say): a chunk would see every window's."""
+    if obj is None or isinstance(obj, (torch.Tensor, bool, int, float, str)):
+        return False
+    if isinstance(obj, (tuple, list)):
+        return any(per_window_state(o, n_windows) for o in obj)
+    if isinstance(obj, dict):
+        return any(per_window_state(v, n_windows) for v in obj.values())
+    held = vars(obj).values() if hasattr(obj, "__dict__") else ()
+    return n_windows > 1 and any(isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == n_windows
+                                 for t in held)
+
+
+def block_keywords(block: nn.Module, args: tuple, kwargs: dict, n_windows: int) -> dict | None:
     """The block's arguments after the hidden states, all by name (GPT-2's model passes some by
     position), None values kept (some modules take a mask without a default: Qwen2's attention); None
-    if they do not bind to the block's signature."""
+    if they do not bind to the block's signature, or if one holds per-window state that cannot be
+    sliced into chunks (the block then runs whole)."""
     try:
         bound = inspect.signature(block.forward).bind(None, *args, **kwargs)
     except TypeError:
@@ -78,7 +96,7 @@ def block_keywords(block: nn.Module, args: tuple, kwargs: dict) -> dict | None:
                 return None
         else:
             named[name] = value
-    return named
+    return None if per_window_state(named, n_windows) else named
 
 
 def _accepted_keywords(module: nn.Module, chunk_kwargs: list[dict]) -> list[dict]:
@@ -102,6 +120,8 @@ def prune_block_in_chunks(block: nn.Module, branches: tuple[ResidualBranch, ...]
     return the pruned block's output, computed in place in ``hidden`` (windows x tokens x width).
     ``keep_wide``: how much of a branch's last input wider than ``hidden`` is kept ("all", "stream": up to
     ``hidden``'s size, "none"); the rest is recomputed."""
+    if keep_wide not in KEEP_WIDE:
+        raise ValueError(f"keep_wide must be one of {', '.join(KEEP_WIDE)}, not {keep_wide!r}")
     n_windows = hidden.shape[0]
     spans = [(s, min(s + chunk_windows, n_windows)) for s in range(0, n_windows, chunk_windows)]
     chunk_kwargs = [slice_windows(kwargs, s, e, n_windows) for s, e in spans]

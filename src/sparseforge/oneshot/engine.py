@@ -67,7 +67,7 @@ class OneShotConfig:
     batch_size: int | None = None
     #: one pass: keep none of the FFN intermediate for the block's output, recompute it (the lowest
     #: peak; the same weights and outputs). Otherwise the Hessian methods keep it up to the residual
-    #: stream's size and recompute the rest, Wanda and magnitude keep it whole (see keep_wide_inputs)
+    #: stream's size and recompute the rest, Wanda and magnitude keep it whole (OneShotMethod.keep_wide)
     low_memory: bool = False
     #: dtype of the block forward passes (statistics stay float32); None = the model's
     compute_dtype: str | None = None
@@ -471,15 +471,9 @@ def _branchwise_one_pass(adapter, config: OneShotConfig, n_batches: int) -> bool
 
 
 def keep_wide_inputs(method, config: OneShotConfig) -> str:
-    """How much of the FFN intermediate the one pass keeps for the block's output (the rest is
-    recomputed: the FFN's first layers once more on those chunks). The Hessian methods solve each layer
-    with its Hessian and factors beside what is kept, so they keep at most the residual stream's size:
-    their peak stays below llm-compressor's, at ~15% more time (SparseGPT 50% on SmolLM2). For Wanda,
-    whose whole cost is the forward, the recomputation would be a quarter of its time, so it keeps all;
-    ``low_memory`` keeps none."""
-    if config.low_memory:
-        return "none"
-    return "stream" if method.stats_kind == "hessian" else "all"
+    """How much of the FFN intermediate the one pass keeps for the block's output: the method's own
+    choice (OneShotMethod.keep_wide), or none under ``low_memory``."""
+    return "none" if config.low_memory else method.keep_wide
 
 
 def _prune_without_data(adapter, index, layers, method, options) -> list[LayerResult]:
@@ -556,7 +550,7 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
     one_pass = len(hidden) == 1
     keywords = None
     if _branchwise_one_pass(adapter, config, len(hidden)):
-        keywords = block_keywords(block, calls[0].args, calls[0].kwargs)
+        keywords = block_keywords(block, calls[0].args, calls[0].kwargs, len(hidden[0]))
     if keywords is not None:
         # the memory-lean path: the block branch by branch, a few windows at a time
         x = hidden[0] if compute_dtype is None else hidden[0].to(compute_dtype)
