@@ -312,9 +312,7 @@ def carry_over(rows: list[dict], sweep: list[dict], meta: dict, stored: Path) ->
     now = measured(meta)
     rows = [{**r, "measured": now} for r in rows]
     sweep = [{**s, "measured": now} for s in sweep]
-    if not stored.exists():
-        return rows, sweep
-    previous = json.loads(stored.read_text())
+    previous = json.loads(stored.read_text()) if stored.exists() else {"meta": meta, "rows": []}
     then = measured(previous["meta"])
     fresh = {(r["prune_method"], r["pattern"]) for r in rows}
     kept = [{"measured": then, **r} for r in previous["rows"] if (r["prune_method"], r["pattern"]) not in fresh]
@@ -330,10 +328,10 @@ def carry_over(rows: list[dict], sweep: list[dict], meta: dict, stored: Path) ->
                  "measured": r.get("measured", then)} for ft in METHODS]
 
     # later entries replace earlier ones with the same pruning, method and rate: published check, then the
-    # published rows (earlier defaults), then the rows and check runs measured now
+    # published rows (earlier defaults), then every run measured now (the defaults' among them)
     runs = {}
     for s in [{"measured": then, **s} for s in previous.get("learning_rate_check", [])] + \
-            [s for r in previous["rows"] for s in default_runs(r)] + [s for r in rows for s in default_runs(r)] + sweep:
+            [s for r in previous["rows"] for s in default_runs(r)] + sweep:
         runs[run_key(s)] = s
     # the check is only worth a table for a pruning with runs at other rates than today's defaults
     checked = {(s["prune_method"], s["pattern"]) for s in runs.values()
@@ -348,8 +346,8 @@ def measured(meta: dict) -> dict:
 
 
 def collect(dense: dict, args) -> tuple[list[dict], list[dict]]:
-    """The table's rows (both methods at their default learning rates) and every run of the
-    learning-rate check, from the stored results with this invocation's steps, batch and precision."""
+    """The table's rows (both methods at their default learning rates) and every run, at any rate, from
+    the stored results with this invocation's steps, batch and precision (carry_over picks the check's)."""
     rows, sweep = [], []
     for method, pattern in PRUNINGS:
         done = WORK / f"pruned-{method}-{pattern}.json"
@@ -374,9 +372,7 @@ def collect(dense: dict, args) -> tuple[list[dict], list[dict]]:
                     row[ft], row["recovered"][ft] = entry, recovered
         if all(ft in row for ft in METHODS):
             rows.append(row)
-    # the check is only worth a table where some run used another learning rate
-    checked = {(s["prune_method"], s["pattern"]) for s in sweep if not math.isclose(s["lr"], default_lr(s["method"]))}
-    return rows, [s for s in sweep if (s["prune_method"], s["pattern"]) in checked]
+    return rows, sweep
 
 
 if __name__ == "__main__":
