@@ -48,9 +48,10 @@ class Watch(Callback):
             raise KeyboardInterrupt
 
 
-def run(method="transpa", layout="uniform", steps=STEPS, checkpoint_dir=None, stop_at=None, resume=None, seed=0):
+def run(method="transpa", layout="uniform", steps=STEPS, checkpoint_dir=None, stop_at=None, resume=None, seed=0,
+        options=None):
     model = llama(seed)
-    m = build_train_method(method, steps, {**OPTIONS, "layout": layout})
+    m = build_train_method(method, steps, {**OPTIONS, "layout": layout, **(options or {})})
     info = m.prepare(model)
     watch = Watch(stop_at)
     config = TrainConfig(steps=steps, batch_size=2, lr=1e-3, warmup=0.0, weight_decay=0.01,
@@ -192,13 +193,49 @@ def test_the_ablations_follow_the_same_rounds(ablation):
     assert {ablation, "transpa"} <= set(method_names("train-time"))
 
 
-@pytest.mark.parametrize("layout, method", [("free", "transpa"), ("uniform", "transpa"), ("free", "tsvd")])
-def test_resume_across_a_shrink_is_bit_identical(layout, method, tmp_path):
-    straight, report, *_ = run(method, layout=layout, checkpoint_dir=str(tmp_path / "a"))
+#: the linear schedule over the tiny run: the line meets the target at step 6 (rounds at 2, 4 and 6)
+LINEAR = {"shrink_schedule": "linear", "reach_by": 0.75}
+
+
+def test_linear_schedule_line_is_the_closed_form():
+    m = build_train_method("transpa", STEPS, {**OPTIONS, **LINEAR})
+    m.prepare(llama())
+    rounds = m.callback
+    rounds.trajectory = [{"step": 0, "parameters": 10_000}]
+    rounds.target = 4_000
+    assert rounds.reach_step == 6
+    assert [rounds.allowed(s) for s in (0, 2, 3, 4, 6, 8)] == [10_000, 8_000, 7_000, 6_000, 4_000, 4_000]
+    theta = build_train_method("transpa", STEPS, OPTIONS)
+    theta.prepare(llama())
+    assert theta.callback.reach_step is None and theta.callback.allowed(2) == theta.callback.target
+
+
+@pytest.mark.parametrize("layout", ["free", "uniform"])
+def test_methods_on_the_linear_schedule_share_the_parameter_trajectory(layout):
+    """Unscheduled, the tiny run's θ 0.5 rounds reach the target by step 4; on the line every round ends within
+    half a removal of it, whichever scorer ranks the units, so TranSpa and structured-l1 hold the same sizes."""
+    _, theta, *_ = run("transpa", layout=layout)
+    assert theta["trajectory"][-1]["step"] <= 4 and theta["schedule"] == {"kind": "theta", "reach_step": None}
+    reports = {method: run(method, layout=layout, options=LINEAR)[1] for method in ("transpa", "structured-l1")}
+    for method, report in reports.items():
+        assert [p["step"] for p in report["trajectory"]] == [0, 2, 4, 6], method
+        largest = 6 * 64 * 2 if layout == "uniform" else 6 * 64  # a QK pair of a group (both q heads and k)
+        for point in report["trajectory"][1:]:
+            assert abs(point["parameters"] - point["allowed"]) <= largest // 2, (method, point)
+        assert report["schedule"]["max_lag"] <= 0 and report["reached_target"]
+    first = [p["allowed"] for p in reports["transpa"]["trajectory"][1:]]
+    assert first == [p["allowed"] for p in reports["structured-l1"]["trajectory"][1:]]
+    assert theta["trajectory"][1]["parameters"] < first[0] - largest  # the cap changed the first round
+
+
+@pytest.mark.parametrize("layout, method, options", [("free", "transpa", None), ("uniform", "transpa", None),
+                                                     ("free", "tsvd", None), ("free", "structured-l1", LINEAR)])
+def test_resume_across_a_shrink_is_bit_identical(layout, method, options, tmp_path):
+    straight, report, *_ = run(method, layout=layout, checkpoint_dir=str(tmp_path / "a"), options=options)
     with pytest.raises(KeyboardInterrupt):  # checkpoint at step 3 (after the round at step 2), killed at step 5
-        run(method, layout=layout, checkpoint_dir=str(tmp_path / "b"), stop_at=5)
+        run(method, layout=layout, checkpoint_dir=str(tmp_path / "b"), stop_at=5, options=options)
     resumed, resumed_report, _, trainer, _ = run(method, layout=layout, checkpoint_dir=str(tmp_path / "b"), resume=True,
-                                                 seed=1)
+                                                 seed=1, options=options)
     assert trainer.step == STEPS and resumed_report["trajectory"] == report["trajectory"]
     expected, got = straight.state_dict(), resumed.state_dict()
     assert expected.keys() == got.keys()
@@ -213,6 +250,8 @@ def test_resume_across_a_shrink_is_bit_identical(layout, method, tmp_path):
     ({"theta": 0.0}, "--theta 0.0 must be in (0, 1)"),
     ({"layout": "ragged"}, "--layout 'ragged' unknown"),
     ({"round_steps": 20}, "no removal round"),
+    ({"shrink_schedule": "cubic"}, "--shrink-schedule 'cubic' unknown"),
+    ({"reach_by": 0.0}, "--reach-by 0.0 must be in (0, 1]"),
 ])
 def test_bad_settings_are_one_line_errors(options, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -270,6 +309,8 @@ def scratch_config(tmp_path, **extra):
     (["--from-scratch", "BERT"], "bert"),
     (["--from-scratch", "missing-preset"], "neither a JSON config file nor a preset"),
     (["--unit-score", "fisher"], "--unit-score: invalid choice"),
+    (["--shrink-schedule", "cubic"], "--shrink-schedule: invalid choice"),
+    (["--reach-by", "0"], "--reach-by: 0 is outside (0, 1]"),
     (["--method", "structured-l1", "--unit-score", "activation"], "structured-l1 ranks each matrix"),
     (["--method", "tsvd", "--unit-score", "l1"], "tsvd ranks singular directions of each coupled product"),
 ])
@@ -453,3 +494,20 @@ def test_training_form_factors_inside_compact_attention_refuse_to_save(tmp_path)
     with pytest.raises(ModelError, match="finish the method"):
         save(model, None, tmp_path / "out", metadata={})
     assert not (tmp_path / "out").exists()
+
+
+def test_scratch_models_get_gpt2_scaled_residual_writers():
+    """o_proj and down_proj start at 0.02 / sqrt(2 L) (L = 2 blocks here), every other linear at 0.02."""
+    from sparseforge.models.init import scale_residual_writers
+
+    model = llama()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    assert scale_residual_writers(model) == pytest.approx(0.5)
+    for name, p in model.named_parameters():
+        factor = 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        torch.testing.assert_close(p, before[name] * factor, atol=0, rtol=0)
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                                       num_attention_heads=4, num_key_value_heads=2))
+    scale_residual_writers(big)
+    assert float(big.model.layers[3].mlp.down_proj.weight.std()) == pytest.approx(0.02 / 4, rel=0.05)
+    assert float(big.model.layers[3].mlp.up_proj.weight.std()) == pytest.approx(0.02, rel=0.05)

@@ -263,6 +263,12 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                    help="transpa / structured-l1 / tsvd: share K of the couples each round selects (default 0.3)")
     p.add_argument("--theta", type=fraction("0.9"), default=0.9,
                    help="transpa / structured-l1 / tsvd: unit mass a selected couple keeps (default 0.9)")
+    p.add_argument("--shrink-schedule", default="theta", choices=["theta", "linear"],
+                   help="transpa / structured-l1 / tsvd: theta = each round removes what its θ rule says (default, the "
+                        "paper's); linear = rounds capped so the parameter count follows a line from the start to the "
+                        "target at --reach-by (methods compared on one schedule share the parameter trajectory)")
+    p.add_argument("--reach-by", type=fraction("0.6", one=True), default=0.6,
+                   help="--shrink-schedule linear: share of --steps at which the line reaches the target (default 0.6)")
     p.add_argument("--unit-score", default=None, choices=["activation", "l1"],
                    help="transpa: how a selected couple's units are ranked for the θ rule; activation = their measured "
                         "contribution on the round's batches (default), l1 = the paper's coupled L1 product "
@@ -574,12 +580,13 @@ def _scratch_config(source: str) -> dict:
 
 
 def _scratch_model(source: str, seed: int):
-    """A seeded random LlamaForCausalLM and the embedded SmolLM2 tokenizer."""
+    """A seeded random LlamaForCausalLM (GPT-2's scaled residual init) and the embedded SmolLM2 tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from .assets import embedded_model_gguf
     from .loading import gguf_to_directory
+    from .models.init import scale_residual_writers
 
     fields = _scratch_config(source)
     tokenizer = AutoTokenizer.from_pretrained(gguf_to_directory(embedded_model_gguf()))
@@ -592,6 +599,7 @@ def _scratch_model(source: str, seed: int):
         config = LlamaConfig(**fields)
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+        scale_residual_writers(model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--from-scratch {source}: {str(e).splitlines()[0]}") from None
     return model.eval(), tokenizer
@@ -604,7 +612,7 @@ def _method_options(args) -> dict:
     if family == "transpa":
         return dict(method=args.method, target_params=args.target_params,
                     round_steps=args.round_steps or max(1, args.steps // 10), fraction=args.fraction, theta=args.theta,
-                    layout=args.layout, unit_score=args.unit_score)
+                    layout=args.layout, unit_score=args.unit_score, shrink_schedule=args.shrink_schedule, reach_by=args.reach_by)
     return dict(method=args.method, keep=args.keep, rank_ratio=args.rank_ratio, beta1=args.beta1, beta2=args.beta2,
                 initial_steps=args.initial_steps, final_steps=args.final_steps, interval=args.mask_interval,
                 pruned_rows=args.pruned_rows)

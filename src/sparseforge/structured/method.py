@@ -10,6 +10,13 @@ half the layout's finest removal, ``finest_removal``: ``clamp_plan`` takes a cro
 only if it overshoots by no more than its absence falls short), the model keeps training at
 that size.
 
+Shrink schedule: ``theta`` (the paper's) lets each round remove what its θ rule says, so two scorers
+reach the target at different steps; ``linear`` caps every round so the parameter count never
+falls below a straight line from the start to the target at ``reach_by`` of the steps. Methods
+on the same linear schedule follow the same parameter trajectory as long as their θ rules
+remove at least the line's share per round (a round that removes less lags, and the next
+rounds catch up); the report gives the largest lag.
+
 - ``transpa``: units scored, by default, by their measured contribution (``--unit-score
   activation``: the consuming matrix's column norms times the RMS of the unit's activation
   over the round's batches, see ``activations.py``), or by the paper's coupled L1 product
@@ -53,6 +60,7 @@ from .truncated_svd import rotate_couples, spectrum
 log = logging.getLogger(__name__)
 
 VARIANTS = ("transpa", "structured-l1", "tsvd")
+SCHEDULES = ("theta", "linear")
 UNIT_SCORES = ("activation", "l1")  # transpa's choice
 #: transpa chooses its unit score; each ablation's score is its definition
 #: (tsvd: as many units as the L1 θ rule removes, the weakest singular directions)
@@ -74,6 +82,8 @@ class TranSpaConfig:
     theta: float = 0.9
     layout: str = "uniform"
     unit_score: str | None = None  # None: the variant's default (DEFAULT_UNIT_SCORE)
+    shrink_schedule: str = "theta"  # theta: each round removes what the θ rule says; linear: capped by a line
+    reach_by: float = 0.6  # linear: the share of the steps at which the line reaches the target
 
     def __post_init__(self):
         if self.method not in VARIANTS:
@@ -97,6 +107,12 @@ class TranSpaConfig:
             raise ConfigError(f"--fraction {self.fraction} must be in (0, 1): the share K of couples each round selects, e.g. 0.3")
         if not (_finite(self.theta) and 0 < self.theta < 1):
             raise ConfigError(f"--theta {self.theta} must be in (0, 1): the unit mass each selected couple keeps, e.g. 0.9")
+        if self.shrink_schedule not in SCHEDULES:
+            raise ConfigError(f"--shrink-schedule '{self.shrink_schedule}' unknown: choose theta (each round removes what its θ rule "
+                              "says) or linear (rounds capped by a line from the start to the target)")
+        if not (_finite(self.reach_by) and 0 < self.reach_by <= 1):
+            raise ConfigError(f"--reach-by {self.reach_by} must be in (0, 1]: the share of --steps at which the linear "
+                              "schedule reaches the target, e.g. 0.6")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout '{self.layout}' unknown: choose uniform (a plain HF checkpoint) or free "
                               "(per-layer sizes, loads with sparseforge.load_model)")
@@ -150,8 +166,9 @@ class StructuredRounds(Callback):
     """Coupled Fisher after every backward; a removal round every ``round_steps`` steps until the target."""
 
     def __init__(self, config: TranSpaConfig, target: int, fraction: float, ffn_only: bool = False,
-                 tolerance: int = 0):
+                 tolerance: int = 0, reach_step: int | None = None):
         self.config = config
+        self.reach_step = reach_step  # linear schedule: the step at which the line meets the target
         self.ffn_only = ffn_only  # uniform layout of a family that derives its head size from hidden / heads
         self.target = target
         self.tolerance = tolerance  # half the layout's finest removal: closer than this, the target is reached
@@ -166,6 +183,15 @@ class StructuredRounds(Callback):
     @staticmethod
     def _model(trainer):
         return trainer.accelerator.unwrap_model(trainer.model)
+
+    def allowed(self, step: int) -> int:
+        """The fewest parameters the schedule allows after a round at ``step``: the target (theta), else the line
+        from the start (``trajectory[0]``) to the target at ``reach_step``."""
+        if self.reach_step is None or not self.trajectory:
+            return self.target
+        start = self.trajectory[0]["parameters"]
+        left = max(0, self.reach_step - step)
+        return self.target - (-(start - self.target) * left // self.reach_step)  # ceil, in integers
 
     def shrinking(self, parameters: int) -> bool:
         """True while rounds remain: the model is above the target by more than the tolerance."""
@@ -208,13 +234,16 @@ class StructuredRounds(Callback):
         current = count_parameters(model)
         if not self.shrinking(current) or not self.fisher.batches:
             return
+        allowed = self.allowed(trainer.step)
+        if current <= allowed + self.tolerance:  # ahead of the line: keep gathering this round's statistics
+            return
         plan, self.carry = plan_round(model, self.fisher.scores(), layout=self.config.layout, fraction=self.fraction,
                                       theta=self.config.theta, unit_scorer=self._unit_scorer(),
                                       carry=self.carry)
         if self.ffn_only:  # a plain checkpoint of this family cannot drop heads: FFN units only
             plan = RemovalPlan([i for i in plan.items if all(_is_ffn(n) for n in i.units)], plan.layout)
             self.carry["attention_parameters"] = 0.0
-        plan = clamp_plan(model, plan, current - self.target)
+        plan = clamp_plan(model, plan, current - allowed)
         self.rounds += 1
         self.fisher.reset()  # a new round begins, whether or not this one removed anything
         if self.stats is not None:
@@ -229,7 +258,10 @@ class StructuredRounds(Callback):
         self._watch(model)  # the hooked layers may have been replaced (compact attention) or be done
         self.plans.append(plan.to_dict())
         after = count_parameters(model)
-        self.trajectory.append({"step": trainer.step, "parameters": after})
+        point = {"step": trainer.step, "parameters": after}
+        if self.reach_step is not None:
+            point["allowed"] = allowed
+        self.trajectory.append(point)
         log.info("%s round %d at step %d: %d -> %d parameters (target %d)", self.config.method, self.rounds,
                  trainer.step, current, after, self.target)
 
@@ -338,12 +370,14 @@ class TranSpaMethod:
                         "checkpoint) removes FFN units only; use --layout free to shrink attention too",
                         config.method, type(get_adapter(model)).__name__.removesuffix("Adapter"))
         tolerance = finest_removal(model, config.layout) // 2
-        self.callback = StructuredRounds(config, target, fraction, ffn_only, tolerance)
+        reach_step = max(1, round(config.reach_by * self.steps)) if config.shrink_schedule == "linear" else None
+        self.callback = StructuredRounds(config, target, fraction, ffn_only, tolerance, reach_step)
         self.info = {"config": asdict(config), "parameters": {"start": total, "blocks": block, "outside_blocks": outside,
                                                               "target": target, "tolerance": tolerance},
                      "rounds_available": rounds, "rounds_estimated": estimated_rounds(block, target_block, fraction,
                                                                                        config.theta),
-                     "fraction_used": fraction, "fraction_adapted": adapted is not None, "ffn_only": ffn_only}
+                     "fraction_used": fraction, "fraction_adapted": adapted is not None, "ffn_only": ffn_only,
+                     "schedule": {"kind": config.shrink_schedule, "reach_step": reach_step}}
         log.info("%s: %d parameters (%d in the blocks) -> target %d, a round every %d steps (%d rounds available), "
                  "K %.2f θ %.2f, %s layout, units scored by %s", config.method, total, block, target, config.round_steps,
                  rounds, fraction, config.theta, config.layout, config.unit_score)
@@ -362,11 +396,29 @@ class TranSpaMethod:
                         "--round-steps", self.config.method, total, callback.target, callback.tolerance)
         if self.config.layout == "uniform":
             model.config.update(uniform_config(model))
-        return model, {"trajectory": list(callback.trajectory), "rounds": callback.rounds,
+        schedule = {"kind": self.config.shrink_schedule, "reach_step": callback.reach_step}
+        if callback.reach_step is not None:
+            schedule["max_lag"] = self.max_lag()
+        return model, {"trajectory": list(callback.trajectory), "rounds": callback.rounds, "schedule": schedule,
                        "rounds_removing": len(callback.plans), "reached_target": reached,
                        "final_parameters": {"total": total, "blocks": block_parameters(model),
                                             "fraction": total / self.info["parameters"]["start"]},
                        "layers": layer_sizes(model), "layout": self.config.layout}
+
+
+    def max_lag(self) -> int:
+        """Linear schedule: the most parameters the model held above the line at any round's end (0: on it).
+        Between rounds the count stays where the last round left it, so the lag is checked at every round step
+        up to the one that reached the target."""
+        callback = self.callback
+        points = callback.trajectory
+        lag = 0
+        for step in range(self.config.round_steps, self.steps + 1, self.config.round_steps):
+            held = next(p["parameters"] for p in reversed(points) if p["step"] <= step)
+            lag = max(lag, held - callback.allowed(step) - callback.tolerance)
+            if not callback.shrinking(held):
+                break
+        return lag
 
 
 def build_method(name: str, steps: int, options: dict) -> TranSpaMethod:
