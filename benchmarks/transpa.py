@@ -74,8 +74,9 @@ TSVD_UNIT_SCORE = "l1-count-svd-directions"
 #: the scratch model; 8 heads of 32 dims, 2 query heads per KV group
 SCRATCH_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 8,
                  "num_key_value_heads": 4, "max_position_embeddings": 2048, "tie_word_embeddings": True}
-# lr 1e-3 peak, 5% linear warm-up, cosine to 0: the usual peak for ~5M-parameter decoders (GPT-3 small used 6e-4
-# at 125M; smaller models tolerate more); the warm-up keeps AdamW's first moments from blowing up at random init.
+# lr 3e-3 peak, 5% linear warm-up, cosine to 0; GPT-2's residual init (o_proj / down_proj scaled by 1/sqrt(2L)).
+# Chosen on the dense runs: at 200 steps dense perplexity was 703.7 / 450.6 / 443.1 at lr 3e-4 / 1e-3 / 3e-3 with
+# transformers' init, and 361.9 at 3e-3 with the scaled init (the small dense model: 697.5 / 423.8 / 400.3 / 318.4).
 # Weight decay 0.1 as in LLaMA pre-training. Every run sees the same tokens (only the model differs).
 # SCRATCH_STEPS: 200 steps x 16 x 256 = 819k tokens (0.76 epochs of the wiki train split). A step is about
 # 35 MFLOP per token x 4096 tokens = 0.14 TFLOP. The smoke measured 8.6-9.5 s per dense step with the machine at
@@ -83,11 +84,17 @@ SCRATCH_MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layer
 # idle machine (~32 min at that load); TranSpa / structured-l1 add their rounds. The free layout (the paper's):
 # in the uniform layout attention loses whole KV groups chosen by Fisher alone, the same for both scorers.
 SCRATCH_STEPS = 200
+# The rounds of TranSpa and structured-l1 follow one straight line from the start to the target at reach_by of the
+# steps (--shrink-schedule linear): the same parameter trajectory, as a comparison of two scorers needs (on their
+# own θ rules TranSpa reached the target at step 126 of 600, structured-l1 at 273). Rounds every 2 (6) steps: the
+# line's share of a round (~21k parameters) stays below what one θ round removes even early, when Fisher selects
+# the small attention couples.
 SCRATCH = {"model": SCRATCH_MODEL, "vocab": 8192, "steps": SCRATCH_STEPS, "batch_size": 16, "seq_len": 256,
-           "lr": 1e-3, "weight_decay": 0.1, "warmup": 0.05, "eval_every": SCRATCH_STEPS // 10, "eval_windows": 100,
-           "eval_batch_size": 10, "keep_blocks": 0.6, "layout": "free", **ROUNDS}
-#: the same with 3x the steps: at 200 steps every model is far from trained and the smallest learns fastest
-SCRATCH_LONG = {**SCRATCH, "steps": 3 * SCRATCH_STEPS, "eval_every": 3 * SCRATCH_STEPS // 10}
+           "lr": 3e-3, "init": "gpt2-scaled-residual", "weight_decay": 0.1, "warmup": 0.05,
+           "eval_every": SCRATCH_STEPS // 10, "eval_windows": 100, "eval_batch_size": 10, "keep_blocks": 0.6,
+           "layout": "free", **ROUNDS, "shrink_schedule": "linear", "round_steps": 2}
+#: the same with 3x the steps: at 200 steps every model is far from trained
+SCRATCH_LONG = {**SCRATCH, "steps": 3 * SCRATCH_STEPS, "eval_every": 3 * SCRATCH_STEPS // 10, "round_steps": 6}
 SMOL = {"steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06,
         "eval_seq_len": 512, "eval_windows": 40, **ROUNDS}
 SMOL_DENSE_PERPLEXITY = 14.10  # the one-shot tables' dense SmolLM2-135M on the same 40 x 512 windows
@@ -212,7 +219,10 @@ def round_schedule(model, target_params: float, s: dict) -> dict:
     else:  # one-step rounds and a larger K: (1 - K(1-θ))^by <= target_block / block
         round_steps = 1
         fraction = math.ceil(100 * (1 - (target_block / block) ** (1 / by)) / (1 - s["theta"])) / 100
-    return {"target_params": target_params, "round_steps": round_steps, "fraction": fraction, "theta": s["theta"]}
+    options = {"target_params": target_params, "round_steps": round_steps, "fraction": fraction, "theta": s["theta"]}
+    if s.get("shrink_schedule", "theta") != "theta":  # the line from the start to the target at reach_by
+        options.update(shrink_schedule=s["shrink_schedule"], reach_by=s["reach_by"])
+    return options
 
 
 def target_reached_at(method_report: dict) -> int | None:
@@ -309,6 +319,8 @@ def scratch_model(fields: dict, tokenizer):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from sparseforge.models.init import scale_residual_writers
+
     fields = dict(fields, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     heads, kv_heads = fields["num_attention_heads"], fields["num_key_value_heads"]
@@ -318,7 +330,9 @@ def scratch_model(fields: dict, tokenizer):
     config = LlamaConfig(**dict(fields, num_attention_heads=1, num_key_value_heads=1))
     config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    scale_residual_writers(model)  # as `sparseforge train --from-scratch` builds it
+    return model
 
 
 def stored_transpa_scratch(suite: str) -> dict | None:
@@ -510,9 +524,13 @@ def stored(suite: str) -> dict[Run, dict]:
 
 
 def stored_speed() -> dict | None:
+    """The speed result if its settings and the models it measured are current: its JSON under benchmarks/work/,
+    else (no such file: benchmarks/work/ is not kept from one machine to the next) the copy the docs keep."""
     path = OUT / "speed.json"
     if not path.exists():
-        return None
+        kept = docs_dir() / "results_transpa.json"
+        result = json.loads(kept.read_text()).get("speed", {}).get("result") if kept.exists() and not SMOKE else None
+        return result if result is not None and result.get("settings") == settings("speed") else None
     result = json.loads(path.read_text())
     if result.get("settings") != settings("speed") or result.get("sources") != speed_sources():
         return None
@@ -581,7 +599,11 @@ def _every(steps: int) -> str:
 
 
 def _schedule_text(options: dict) -> str:
-    return f"a round {_every(options['round_steps'])}, K {options['fraction']:.2f}, θ {options['theta']:g}"
+    text = f"a round {_every(options['round_steps'])}, K {options['fraction']:.2f}, θ {options['theta']:g}"
+    if options.get("shrink_schedule") == "linear":
+        text += (", each round capped by a straight line from the start to the target at "
+                 f"{options['reach_by']:.0%} of the steps (the same parameter trajectory for both)")
+    return text
 
 
 def scratch_curve(result: dict) -> list[tuple[int, float]]:
@@ -601,7 +623,8 @@ def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
     pruned = next((r for r in runs.values() if r.get("method_options")), None)
     schedule = _schedule_text(pruned["method_options"]) if pruned else "see the runs"
     lines = [
-        f"LLaMA from random initialisation (seed 0): hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, SwiGLU FFN "
+        f"LLaMA from random initialisation (seed 0, GPT-2's residual init: o_proj and down_proj scaled by "
+        f"1/sqrt(2 x layers)): hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, SwiGLU FFN "
         f"{m['intermediate_size']}, {m['num_attention_heads']} heads / {m['num_key_value_heads']} KV heads, tied embeddings; "
         f"vocabulary: a byte-level BPE of {s['vocab']} tokens trained on the wiki train split with `tokenizers` "
         f"(deterministic, cached in {tokenizer_dir().relative_to(ROOT)}). Budget per run: {s['steps']} steps x "
@@ -609,7 +632,8 @@ def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
         f"{train_tokens:,}-token wiki train split), the same for every run; lr {s['lr']:g} (cosine, "
         f"{s['warmup']:.0%} warm-up), weight decay {s['weight_decay']:g}, float32, {THREADS} threads. "
         f"TranSpa and structured-l1: target {s['keep_blocks']:.0%} of the block parameters ({s['layout']} layout), "
-        f"{schedule}, planned to reach it by {s['reach_by']:.0%} of the steps. The small dense model (a plain LLaMA "
+        f"{schedule}" + ("" if s.get("shrink_schedule") == "linear" else
+                         f", planned to reach it by {s['reach_by']:.0%} of the steps") + ". The small dense model (a plain LLaMA "
         f"config) has the whole KV groups closest to TranSpa's final attention and the FFN width that matches its "
         f"block parameters. Perplexity on the first "
         f"{s['eval_windows']} held-out wiki windows of {s['seq_len']} tokens, every {s['eval_every']} steps.",
@@ -639,6 +663,12 @@ def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
             verdict["transpa_within_5pct_of_dense"] = gap <= TARGETS["scratch_dense_gap"]
             notes.append(f"TranSpa within {TARGETS['scratch_dense_gap']:.0%} of dense ({ppl['transpa']:.2f} vs "
                          f"{ppl['dense']:.2f}, {gap:+.1%}): {_verdict(verdict['transpa_within_5pct_of_dense'])}")
+    lags = {LABELS[r.method]: res["method_report"]["schedule"]["max_lag"] for r, res in runs.items()
+            if "max_lag" in res.get("method_report", {}).get("schedule", {})}
+    if lags:
+        start = next(res["method_report"]["parameters"]["start"] for r, res in runs.items() if LABELS[r.method] in lags)
+        lines += ["", "Largest lag behind the line at a round (parameters above it, beyond half the finest removal): "
+                  + "; ".join(f"{label} {lag:,} ({lag / start:.1%} of the start)" for label, lag in lags.items()) + "."]
     if notes:
         lines += ["", "Targets: " + "; ".join(notes) + "."]
     return "\n".join(lines), verdict
