@@ -271,7 +271,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                    help="--shrink-schedule linear: share of --steps at which the line reaches the target (default 0.6)")
     p.add_argument("--unit-score", default=None, choices=["activation", "l1"],
                    help="transpa: how a selected couple's units are ranked for the θ rule; activation = their measured "
-                        "contribution on the round's batches (default), l1 = the paper's coupled L1 product "
+                        "contribution on the round's batches (default), l1 = the paper's coupled L1 product (default "
+                        "with --from-scratch) "
                         "(structured-l1 always uses its own L1 norms, tsvd singular directions)")
     p.add_argument("--layout", default="uniform", choices=["uniform", "free"],
                    help="transpa / structured-l1 / tsvd: uniform = same sizes in every layer, a plain HF checkpoint (default); "
@@ -280,7 +281,8 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                    help="train a new randomly initialised LLaMA-style decoder instead of --model: a JSON file of "
                         f"LlamaConfig fields or a preset ({', '.join(sorted(SCRATCH_PRESETS))}); the embedded SmolLM2 "
                         "tokenizer's vocabulary")
-    _add_training_args(p, lr_help="peak learning rate (default 1e-4 for --task lm, 5e-4 for classify)", weight_decay=0.01)
+    _add_training_args(p, lr_help="peak learning rate (default 1e-4 for --task lm, 5e-4 for classify, "
+                                  f"{SCRATCH_LR:g} with --from-scratch)", weight_decay=0.01)
     p.add_argument("--seq-len", type=integer(2), default=None, help="tokens per example (default 512 lm, 128 classify)")
     p.add_argument("--eval-windows", type=integer(0), default=40, help="lm: the first N held-out windows; 0 = all (default 40)")
     p.add_argument("--eval-batch-size", type=integer(1), default=None, help="examples per evaluation forward")
@@ -549,6 +551,9 @@ def cmd_finetune(args) -> int:
 
 
 #: --from-scratch presets: LlamaConfig fields (the vocabulary is the embedded tokenizer's)
+#: --from-scratch's default peak lr: pre-training a small decoder wants a far larger step than fine-tuning's 1e-4
+#: (benchmarks/transpa.py's scratch model: 3e-3 beat 1e-3 and 3e-4)
+SCRATCH_LR = 3e-3
 SCRATCH_PRESETS = {
     "llama-tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True),
@@ -634,6 +639,12 @@ def cmd_train(args) -> int:
 
     started = time.perf_counter()
     data = args.data or ("wiki" if args.task == "lm" else "wiki-topics")
+    if args.from_scratch is not None:
+        args.lr = SCRATCH_LR if args.lr is None else args.lr
+        if args.method == "transpa" and args.unit_score is None:
+            # the measured-contribution score is for pretrained models, whose few large-activation neurons the
+            # L1 product ranks lowest; from random init the paper's L1 product scored better (docs/transpa.md)
+            args.unit_score = "l1"
     train_options = _training_options(args)
     TrainConfig(steps=args.steps, **train_options)  # validate every setting before the slow steps
     options = _method_options(args)
