@@ -550,10 +550,10 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-#: --from-scratch presets: LlamaConfig fields (the vocabulary is the embedded tokenizer's)
 #: --from-scratch's default peak lr: pre-training a small decoder wants a far larger step than fine-tuning's 1e-4
-#: (benchmarks/transpa.py's scratch model: 3e-3 beat 1e-3 and 3e-4)
+#: (benchmarks/scratch_sizes.py: on the scratch model 3e-3 beat 1e-3 and 3e-4)
 SCRATCH_LR = 3e-3
+#: --from-scratch presets: LlamaConfig fields (the vocabulary is the embedded tokenizer's)
 SCRATCH_PRESETS = {
     "llama-tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True),
