@@ -36,6 +36,11 @@ def run_name(setting: tuple, model: str) -> str:
     return f"{model}-lr{lr:g}-{init}-b{batch}x{steps}"
 
 
+def planned() -> list[tuple[tuple, str, str]]:
+    """(setting, model, run name) of every run, in the order they run."""
+    return [(setting, model, run_name(setting, model)) for setting in SETTINGS for model in MODELS]
+
+
 def worker(name: str) -> None:
     import logging
 
@@ -46,7 +51,7 @@ def worker(name: str) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(THREADS)
-    setting, model_name = next((s, m) for s in SETTINGS for m in MODELS if run_name(s, m) == name)
+    setting, model_name = next((s, m) for s, m, n in planned() if n == name)
     lr, init, batch, steps = setting
     base = transpa.settings("scratch")
     fields = dict(base["model"])
@@ -70,13 +75,8 @@ def worker(name: str) -> None:
 
 
 def stored() -> dict[str, dict]:
-    runs = {}
-    for setting in SETTINGS:
-        for model in MODELS:
-            path = OUT / f"{run_name(setting, model)}.json"
-            if path.exists():
-                runs[path.stem] = json.loads(path.read_text())
-    return runs
+    return {name: json.loads((OUT / f"{name}.json").read_text()) for _, _, name in planned()
+            if (OUT / f"{name}.json").exists()}
 
 
 def write_docs(runs: dict[str, dict]) -> None:
@@ -115,15 +115,13 @@ def main() -> None:
         return
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.docs_only:
-        for setting in SETTINGS:
-            for model in MODELS:
-                name = run_name(setting, model)
-                if (OUT / f"{name}.json").exists():
-                    continue
-                print(name, flush=True)
-                started = time.perf_counter()
-                run_child([sys.executable, __file__, "--worker", name], OUT / f"{name}.log")
-                print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
+        for _, _, name in planned():
+            if (OUT / f"{name}.json").exists():
+                continue
+            print(name, flush=True)
+            started = time.perf_counter()
+            run_child([sys.executable, __file__, "--worker", name], OUT / f"{name}.log")
+            print(f"  done in {time.perf_counter() - started:.0f}s", flush=True)
     write_docs(stored())
 
 

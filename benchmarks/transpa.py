@@ -474,13 +474,16 @@ def unit_score(result: dict) -> str:
     return result.get("method_report", {}).get("config", {}).get("unit_score") or "l1"
 
 
-def kept_in_docs(run: Run) -> dict | None:
-    """``run`` as docs/results_transpa.json keeps it (final numbers, every 10th step): benchmarks/work/ is not
-    kept from one machine to the next, the docs are."""
+def kept_results() -> dict:
+    """docs/results_transpa.json ({} if absent, and under --smoke): benchmarks/work/ is not kept from one machine
+    to the next, the docs are."""
     path = ROOT / "docs" / "results_transpa.json"
-    if SMOKE or not path.exists():
-        return None
-    result = json.loads(path.read_text()).get(run.suite, {}).get("runs", {}).get(run.name)
+    return {} if SMOKE or not path.exists() else json.loads(path.read_text())
+
+
+def kept_in_docs(run: Run) -> dict | None:
+    """``run`` as the docs keep it (final numbers, every 10th step)."""
+    result = kept_results().get(run.suite, {}).get("runs", {}).get(run.name)
     if result is not None:
         result["run"]["history_every"] = 10
     return result
@@ -537,8 +540,7 @@ def stored_speed() -> dict | None:
     else (no such file: benchmarks/work/ is not kept from one machine to the next) the copy the docs keep."""
     path = OUT / "speed.json"
     if not path.exists():
-        kept = docs_dir() / "results_transpa.json"
-        result = json.loads(kept.read_text()).get("speed", {}).get("result") if kept.exists() and not SMOKE else None
+        result = kept_results().get("speed", {}).get("result")
         return result if result is not None and result.get("settings") == settings("speed") else None
     result = json.loads(path.read_text())
     if result.get("settings") != settings("speed") or result.get("sources") != speed_sources():

@@ -396,7 +396,7 @@ class TranSpaMethod:
                         "--round-steps", self.config.method, total, callback.target, callback.tolerance)
         if self.config.layout == "uniform":
             model.config.update(uniform_config(model))
-        schedule = {"kind": self.config.shrink_schedule, "reach_step": callback.reach_step}
+        schedule = dict(self.info["schedule"])
         if callback.reach_step is not None:
             schedule["max_lag"] = self.max_lag()
         return model, {"trajectory": list(callback.trajectory), "rounds": callback.rounds, "schedule": schedule,
