@@ -126,6 +126,10 @@ SCRATCH_SUITES = ("scratch", "scratch-long")
 #: the TranSpa run the scratch targets are read from: `sparseforge train --from-scratch` scores units by the paper's
 #: coupled L1 product (the activation score is the default on pretrained models)
 SCRATCH_TRANSPA = "transpa-l1"
+#: the scratch suites repeat the runs the targets compare with these seeds too (model init and batch order; within
+#: a seed every run sees the same tokens): one seed's gap of a few percent can be noise
+REPEAT_SEEDS = (1, 2)
+REPEATED = (SCRATCH_TRANSPA, "structured-l1", "small-dense", "dense")
 LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size",
           "transpa-l1": "TranSpa (L1 unit score)", "tsvd": "tSVD of the coupled products"}
 #: parameters of the smallest removal per (suite, layout) (``finest_removal``: an FFN unit, or one in every layer),
@@ -161,12 +165,15 @@ class Run:
     method: str  # dense | transpa | structured-l1 | small-dense (scratch: dense of TranSpa's final size)
     target: float | None = None  # fraction of all parameters (smol, encoder)
     layout: str = "uniform"
+    seed: int = 0  # the model's initialisation and the batch order (scratch suites' repeats: REPEAT_SEEDS)
 
     @property
     def name(self) -> str:
         parts = [self.suite, self.method]
         if self.target is not None:
             parts += [f"{round(100 * self.target)}", self.layout]
+        if self.seed:
+            parts.append(f"seed{self.seed}")
         return "-".join(parts)
 
     @property
@@ -181,7 +188,8 @@ class Run:
 def planned(suite: str) -> list[Run]:
     """The runs of a suite, most important first."""
     if suite in SCRATCH_SUITES:
-        return [Run(suite, m) for m in ("dense", "transpa", "structured-l1", "small-dense", "transpa-l1")]
+        return ([Run(suite, m) for m in ("dense", "transpa", "structured-l1", "small-dense", "transpa-l1")]
+                + [Run(suite, m, seed=seed) for seed in REPEAT_SEEDS for m in REPEATED])
     if suite == "smol":
         return ([Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
                  for m in ("transpa", "structured-l1")] + [Run("smol", "transpa-l1", 0.7, "uniform")]
@@ -199,9 +207,9 @@ def saved_for_speed() -> list[Run]:
 # ---------------------------------------------------------------- helpers shared by the workers
 
 
-def train_options(s: dict) -> dict:
+def train_options(s: dict, seed: int = 0) -> dict:
     return dict(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=s["weight_decay"],
-                warmup=s["warmup"], seed=0)
+                warmup=s["warmup"], seed=seed)
 
 
 def round_schedule(model, target_params: float, s: dict) -> dict:
@@ -319,8 +327,8 @@ def small_dense_fields(base: dict, transpa: dict | None, keep_blocks: float) -> 
     return fields, {"matched_to": source, "wanted_blocks": wanted, "blocks": llama_block_parameters(fields)}
 
 
-def scratch_model(fields: dict, tokenizer, scaled_init: bool = True):
-    """A seeded random LLaMA; ``scaled_init``: GPT-2's residual scaling, as `sparseforge train --from-scratch` does
+def scratch_model(fields: dict, tokenizer, scaled_init: bool = True, seed: int = 0):
+    """A random LLaMA drawn from ``seed``; ``scaled_init``: GPT-2's residual scaling, as `sparseforge train --from-scratch` does
     (benchmarks/scratch_sizes.py compares both)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -335,7 +343,7 @@ def scratch_model(fields: dict, tokenizer, scaled_init: bool = True):
     # the shape TranSpa's uniform layout leaves (e.g. 6 heads of 32 in 256): the heads are set after validation
     config = LlamaConfig(**dict(fields, num_attention_heads=1, num_key_value_heads=1))
     config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if scaled_init:
         scale_residual_writers(model)
@@ -360,7 +368,7 @@ def scratch_worker(run: Run) -> dict:
     fields = dict(s["model"])
     if run.method == "small-dense":
         fields, extra["small_dense"] = small_dense_fields(fields, stored_transpa_scratch(run.suite), s["keep_blocks"])
-    model = scratch_model(fields, tokenizer)
+    model = scratch_model(fields, tokenizer, seed=run.seed)
     extra["block_parameters_start"] = block_parameters(model)
     options = {}
     if run.method in ("transpa", "structured-l1", "transpa-l1"):
@@ -372,8 +380,8 @@ def scratch_worker(run: Run) -> dict:
         options["unit_score"] = "l1"
     report = train(model, tokenizer, method=method, task="lm", data="wiki", seq_len=s["seq_len"],
                    eval_windows=s["eval_windows"], eval_batch_size=s["eval_batch_size"], method_options=options,
-                   progress=False, eval_every=s["eval_every"], **train_options(s))
-    extra.update(model_fields=fields, method_options=options)
+                   progress=False, eval_every=s["eval_every"], **train_options(s, run.seed))
+    extra.update(model_fields=fields, method_options=options, seed=run.seed)
     return {**report.to_dict(), **extra}
 
 
@@ -625,7 +633,13 @@ def scratch_curve(result: dict) -> list[tuple[int, float]]:
     return points
 
 
+def seed_zero(runs: dict[Run, dict]) -> dict[Run, dict]:
+    """The runs of the first seed: the curves, the main table and the plots."""
+    return {run: result for run, result in runs.items() if run.seed == 0}
+
+
 def scratch_table(runs: dict[Run, dict]) -> tuple[str, dict]:
+    runs = seed_zero(runs)
     s = settings(next(iter(runs)).suite)
     m = s["model"]
     tokens = s["steps"] * s["batch_size"] * s["seq_len"]
@@ -822,6 +836,7 @@ def _pyplot():
 
 def plot_scratch(runs: dict[Run, dict], path: Path) -> None:
     plt = _pyplot()
+    runs = seed_zero(runs)
     fig, (curve, size) = plt.subplots(1, 2, figsize=(11, 4))
     for run, result in runs.items():
         points = scratch_curve(result)
