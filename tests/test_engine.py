@@ -281,6 +281,24 @@ def test_low_memory_says_when_it_changes_nothing(calib_windows, caplog):
     assert "changes nothing" in caplog.text
 
 
+def test_low_memory_says_when_the_blocks_cannot_be_chunked(calib_windows, caplog, monkeypatch):
+    """One pass, but arguments the chunks cannot share (``block_keywords`` gives None): the blocks run whole, so
+    ``low_memory`` changes nothing, and a warning says so; the result is that of the same run without it."""
+    import sparseforge.oneshot.engine as engine
+
+    monkeypatch.setattr(engine, "block_keywords", lambda *args: None)
+    torch.manual_seed(0)
+    reference = tiny_llama().eval()
+    prune(reference, method="wanda", sparsity=0.5, calibration=calib_windows, progress=False)
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    with caplog.at_level("WARNING", logger="sparseforge"):
+        prune(model, method="wanda", sparsity=0.5, calibration=calib_windows, low_memory=True, progress=False)
+    assert caplog.text.count("low_memory changes nothing here") == 1
+    for (name, weight), expected in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(weight, expected), name
+
+
 def test_keep_rules_are_known_and_an_unknown_one_fails():
     """Every method's keep rule is one the chunked pass knows; any other fails before any work."""
     from sparseforge.oneshot.chunked import KEEP_WIDE, prune_block_in_chunks
