@@ -330,10 +330,9 @@ def small_dense_fields(base: dict, transpa: dict | None, keep_blocks: float) -> 
 def scratch_model(fields: dict, tokenizer, scaled_init: bool = True, seed: int = 0):
     """A random LLaMA drawn from ``seed``; ``scaled_init``: GPT-2's residual scaling, as `sparseforge train --from-scratch` does
     (benchmarks/scratch_sizes.py compares both)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    from sparseforge.models.init import scale_residual_writers
+    from sparseforge.models.init import random_llama
 
     fields = dict(fields, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -343,11 +342,7 @@ def scratch_model(fields: dict, tokenizer, scaled_init: bool = True, seed: int =
     # the shape TranSpa's uniform layout leaves (e.g. 6 heads of 32 in 256): the heads are set after validation
     config = LlamaConfig(**dict(fields, num_attention_heads=1, num_key_value_heads=1))
     config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    if scaled_init:
-        scale_residual_writers(model)
-    return model
+    return random_llama(config, seed, scaled_residual=scaled_init)
 
 
 def stored_transpa_scratch(suite: str) -> dict | None:

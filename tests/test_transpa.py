@@ -514,3 +514,21 @@ def test_scratch_models_get_gpt2_scaled_residual_writers():
     scale_residual_writers(big)
     assert float(big.model.layers[3].mlp.down_proj.weight.detach().std()) == pytest.approx(0.02 / 4, rel=0.05)
     assert float(big.model.layers[3].mlp.up_proj.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+
+
+def test_random_llama_is_drawn_from_its_seed_and_scaled_after():
+    """The same seed gives the same model; the scaled model is the unscaled one with o_proj / down_proj times
+    1/sqrt(2 L); another seed gives other weights."""
+    from sparseforge.models.init import random_llama
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    plain = dict(random_llama(config, 3, scaled_residual=False).named_parameters())
+    scaled = dict(random_llama(config, 3).named_parameters())
+    again = dict(random_llama(config, 3).named_parameters())
+    other = dict(random_llama(config, 4).named_parameters())
+    for name, p in scaled.items():
+        factor = 0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+        torch.testing.assert_close(p, plain[name] * factor, atol=0, rtol=0)
+        assert torch.equal(p, again[name]), name
+    assert not torch.equal(scaled["model.layers.0.mlp.up_proj.weight"], other["model.layers.0.mlp.up_proj.weight"])

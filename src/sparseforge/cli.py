@@ -586,12 +586,11 @@ def _scratch_config(source: str) -> dict:
 
 def _scratch_model(source: str, seed: int):
     """A seeded random LlamaForCausalLM (GPT-2's scaled residual init) and the embedded SmolLM2 tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig
 
     from .assets import embedded_model_gguf
     from .loading import gguf_to_directory
-    from .models.init import scale_residual_writers
+    from .models.init import random_llama
 
     fields = _scratch_config(source)
     tokenizer = AutoTokenizer.from_pretrained(gguf_to_directory(embedded_model_gguf()))
@@ -601,10 +600,7 @@ def _scratch_model(source: str, seed: int):
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         fields.setdefault(key, getattr(tokenizer, key))
     try:
-        config = LlamaConfig(**fields)
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        scale_residual_writers(model)
+        model = random_llama(LlamaConfig(**fields), seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--from-scratch {source}: {str(e).splitlines()[0]}") from None
     return model.eval(), tokenizer

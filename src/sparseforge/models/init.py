@@ -10,6 +10,19 @@ from torch import nn
 from .families import get_adapter
 
 
+def random_llama(config, seed: int, scaled_residual: bool = True) -> nn.Module:
+    """A LlamaForCausalLM drawn from ``seed`` (transformers' init), its residual writers scaled
+    (``scale_residual_writers``) unless ``scaled_residual`` is False: what ``sparseforge train --from-scratch`` and the
+    benchmarks pre-train."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if scaled_residual:
+        scale_residual_writers(model)
+    return model
+
+
 @torch.no_grad()
 def scale_residual_writers(model: nn.Module) -> float:
     """Scale the linears that write into the residual stream (attention output, FFN down) by 1/sqrt(2 L), L blocks,
