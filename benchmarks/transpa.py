@@ -880,28 +880,46 @@ def _pyplot():
     return plt
 
 
+def block_parameters_at(result: dict, step: int) -> int:
+    """A scratch run's block parameters after ``step`` (its trajectory's last round up to then; dense: constant)."""
+    report = result["method_report"]
+    if "trajectory" not in report:
+        return result.get("block_parameters_start") or llama_block_parameters(result["model_fields"])
+    total = [point["parameters"] for point in report["trajectory"] if point["step"] <= step][-1]
+    return total - report["parameters"]["outside_blocks"]
+
+
 def plot_scratch(runs: dict[Run, dict], path: Path) -> None:
+    """Perplexity vs steps, and vs the block parameters each evaluation saw (the path the pruned runs take);
+    the other seeds' final perplexities as open markers."""
     plt = _pyplot()
-    runs = seed_zero(runs)
     fig, (curve, size) = plt.subplots(1, 2, figsize=(11, 4))
-    for run, result in runs.items():
+    colors = {}
+    for run, result in seed_zero(runs).items():
         points = scratch_curve(result)
-        curve.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=LABELS[run.method])
-        blocks = result["method_report"].get("final_parameters", {}).get("blocks") \
-            or llama_block_parameters(result["model_fields"])
-        size.scatter([blocks / 1e6], [points[-1][1]], label=LABELS[run.method])
+        line, = curve.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=LABELS[run.method])
+        colors[run.method] = line.get_color()
+        later = [p for p in points if p[0] > 0]  # the random model's ~vocabulary-sized perplexity would flatten it
+        size.plot([block_parameters_at(result, p[0]) / 1e6 for p in later], [p[1] for p in later], marker=".",
+                  color=colors[run.method], label=LABELS[run.method])
         reached = target_reached_at(result["method_report"])
-        if run.method == "transpa" and reached is not None:
-            curve.axvline(reached, color="grey", ls=":", label="TranSpa at its target")
+        if run.method == SCRATCH_TRANSPA and reached is not None:
+            curve.axvline(reached, color="grey", ls=":", label=f"{LABELS[run.method]} at its target")
+    repeats = [(run, result) for run, result in runs.items() if run.seed and run.method in colors]
+    for run, result in repeats:
+        final = scratch_curve(result)[-1]
+        size.scatter([block_parameters_at(result, final[0]) / 1e6], [final[1]], facecolors="none",
+                     edgecolors=colors[run.method])
     curve.set_yscale("log")
     curve.set_xlabel("step")
     curve.set_ylabel("held-out perplexity")
     curve.set_title(f"pre-training from scratch, {settings(next(iter(runs)).suite)['steps']} steps")
     curve.legend()
-    size.set_xlabel("block parameters at the end (M)")
-    size.set_ylabel("final perplexity")
-    size.set_title("final perplexity vs size")
-    size.legend()
+    size.set_yscale("log")
+    size.set_xlabel("block parameters at the evaluation (M)")
+    size.set_ylabel("held-out perplexity")
+    size.set_title("perplexity vs parameters" + (f" (open: seeds {', '.join(sorted({str(r.seed) for r, _ in repeats}))}, "
+                                                 "final)" if repeats else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
