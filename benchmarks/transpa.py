@@ -20,13 +20,17 @@ from random initialisation on the same tokens four times: dense; TranSpa to
 the same target on the same rounds; and a dense model of TranSpa's final size
 trained from scratch. Perplexity on held-out wiki windows during training.
 scratch-long: the same four runs with 3x the steps (2.5M tokens, ~2.3 epochs
-of the train split): at 200 steps every model is far from trained.
+of the train split): at 200 steps every model is far from trained. Both suites
+repeat TranSpa (L1 unit score), structured-l1 and both dense models with seeds
+1 and 2 (model init and batch order): the tables give each seed, the means and
+the targets on the means.
 
 smol: the embedded SmolLM2-135M pruned to 70% and 80% of its parameters while
 training on wiki (uniform and free layouts), TranSpa vs structured-l1 and the
 tSVD ablation (truncated SVD of each coupled product);
 perplexity on the 40 held-out windows of 512 tokens. The 70% TranSpa models
-are saved for the speed suite.
+are saved for the speed suite. The 70% uniform pair is rerun on one shared
+parameter line (--shrink-schedule linear; the *-linear runs).
 
 speed: dense SmolLM2 vs the saved 70% uniform and free TranSpa models, prefill
 and decode tokens/s interleaved in one process, and each model's peak memory
@@ -35,8 +39,8 @@ in its own process.
 encoder: the embedded MiniLM-L6 fine-tuned on wiki-topics while pruned to 60%
 of its parameters (free layout: BERT's uniform layout can only shrink FFNs,
 which cannot reach 60%; K 0.6, see ENCODER_FRACTION), TranSpa vs
-structured-l1, the losparse benchmark's settings; its dense fine-tuning is
-read from benchmarks/work/losparse/.
+structured-l1, the losparse benchmark's settings (the pair also on the shared
+line); its dense fine-tuning is read from benchmarks/work/losparse/.
 
 Each run is its own process and stores its JSON under benchmarks/work/transpa/
 (--smoke: benchmarks/work/transpa-smoke/, whose tables and plots go to its
@@ -126,10 +130,6 @@ SCRATCH_SUITES = ("scratch", "scratch-long")
 #: the TranSpa run the scratch targets are read from: `sparseforge train --from-scratch` scores units by the paper's
 #: coupled L1 product (the activation score is the default on pretrained models)
 SCRATCH_TRANSPA = "transpa-l1"
-#: SmolLM2 and MiniLM run on each method's own θ rounds (the paper's), so TranSpa can reach the target earlier than
-#: structured-l1 and recover longer at the final size; a pair per suite (smol: 70% uniform) is rerun on the scratch
-#: suites' shared line (--shrink-schedule linear) to show how much of the gap that explains
-LINE_CHECKS = ("smol", "encoder")
 #: the scratch suites repeat the runs the targets compare with these seeds too (model init and batch order; within
 #: a seed every run sees the same tokens): one seed's gap of a few percent can be noise
 REPEAT_SEEDS = (1, 2)
@@ -170,7 +170,7 @@ class Run:
     target: float | None = None  # fraction of all parameters (smol, encoder)
     layout: str = "uniform"
     seed: int = 0  # the model's initialisation and the batch order (scratch suites' repeats: REPEAT_SEEDS)
-    schedule: str = "theta"  # smol / encoder: "linear" reruns a pair on one shared parameter line (LINE_CHECKS)
+    schedule: str = "theta"  # smol / encoder: "linear" reruns a pair on one shared parameter line
 
     @property
     def name(self) -> str:
@@ -197,6 +197,9 @@ def planned(suite: str) -> list[Run]:
     if suite in SCRATCH_SUITES:
         return ([Run(suite, m) for m in ("dense", "transpa", "structured-l1", "small-dense", "transpa-l1")]
                 + [Run(suite, m, seed=seed) for seed in REPEAT_SEEDS for m in REPEATED])
+    # SmolLM2 and MiniLM run on each method's own θ rounds (the paper's), where TranSpa can reach the target earlier
+    # than structured-l1 and recover longer at the final size; one pair of each is rerun on the scratch suites'
+    # shared line (--shrink-schedule linear) to show how much of the gap that explains
     if suite == "smol":
         return ([Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
                  for m in ("transpa", "structured-l1")] + [Run("smol", "transpa-l1", 0.7, "uniform")]
