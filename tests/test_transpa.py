@@ -193,6 +193,32 @@ def test_the_ablations_follow_the_same_rounds(ablation):
     assert {ablation, "transpa"} <= set(method_names("train-time"))
 
 
+@pytest.mark.parametrize("couple_score", ["fisher", "magnitude"])
+def test_rounds_select_couples_by_the_couple_score(couple_score, monkeypatch):
+    """Every round plans from the chosen couple scores: with ``magnitude`` exactly ``magnitude_scores`` of the model at
+    the round (no Fisher accumulated); with ``fisher`` the round's Fisher, which is not the magnitude ranking."""
+    import sparseforge.structured.method as method_module
+    from sparseforge.structured import magnitude_scores
+
+    seen, plan_round = [], method_module.plan_round
+
+    def spy(model, scores, **options):
+        seen.append((dict(scores), magnitude_scores(model)))
+        return plan_round(model, scores, **options)
+
+    monkeypatch.setattr(method_module, "plan_round", spy)
+    _, report, info, trainer, _ = run("transpa", layout="free", options={"couple_score": couple_score})
+    assert len(seen) == report["rounds"] >= 1 and report["reached_target"]
+    assert info["config"]["couple_score"] == couple_score
+    rounds = next(c for c in trainer.callbacks if isinstance(c, method_module.StructuredRounds))
+    if couple_score == "magnitude":
+        assert all(scores == magnitude for scores, magnitude in seen) and rounds.fisher.batches == 0
+    else:
+        for scores, magnitude in seen:
+            assert scores.keys() == magnitude.keys()
+            assert sorted(scores, key=scores.get) != sorted(magnitude, key=magnitude.get)
+
+
 #: the linear schedule over the tiny run: the line meets the target at step 6 (rounds at 2, 4 and 6)
 LINEAR = {"shrink_schedule": "linear", "reach_by": 0.75}
 
@@ -252,6 +278,7 @@ def test_resume_across_a_shrink_is_bit_identical(layout, method, options, tmp_pa
     ({"round_steps": 20}, "no removal round"),
     ({"shrink_schedule": "cubic"}, "--shrink-schedule 'cubic' unknown"),
     ({"reach_by": 0.0}, "--reach-by 0.0 must be in (0, 1]"),
+    ({"couple_score": "hessian"}, "--couple-score 'hessian' unknown"),
 ])
 def test_bad_settings_are_one_line_errors(options, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -310,6 +337,7 @@ def scratch_config(tmp_path, **extra):
     (["--from-scratch", "missing-preset"], "neither a JSON config file nor a preset"),
     (["--unit-score", "fisher"], "--unit-score: invalid choice"),
     (["--shrink-schedule", "cubic"], "--shrink-schedule: invalid choice"),
+    (["--couple-score", "hessian"], "--couple-score: invalid choice"),
     (["--reach-by", "0"], "--reach-by: 0 is outside (0, 1]"),
     (["--method", "structured-l1", "--unit-score", "activation"], "structured-l1 ranks each matrix"),
     (["--method", "tsvd", "--unit-score", "l1"], "tsvd ranks singular directions of each coupled product"),
@@ -343,7 +371,7 @@ def test_cli_refuses_the_encoder_target_its_uniform_layout_cannot_reach(capsys, 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Tiny llamas trained from scratch by the CLI: uniform (plain HF), free (structure manifest), and the tSVD
-    ablation's free layout."""
+    ablation's free layout (its couples selected by magnitude, the L1-only estimation ablation)."""
     root = tmp_path_factory.mktemp("transpa-cli")
     text = root / "text.txt"
     text.write_text(" ".join(f"word{i % 97} and more text number {i}." for i in range(400)))
@@ -354,7 +382,8 @@ def trained(tmp_path_factory):
         code = main(["train", "--method", method, "--from-scratch", str(config), "--data", str(text), "--no-eval",
                      "--steps", "6", "--round-steps", "2", "--target-params", "0.985", "--fraction", "0.5", "--theta", "0.5",
                      "--layout", layout, "--seq-len", "32", "--batch-size", "2", "--keep", "0.3",
-                     "--output", str(outs[name]), "--json", str(root / f"{name}.json")])
+                     "--output", str(outs[name]), "--json", str(root / f"{name}.json"),
+                     *(["--couple-score", "magnitude"] if method == "tsvd" else [])])
         assert code == 0
     return outs, root
 
@@ -366,6 +395,8 @@ def test_cli_transpa_from_scratch_outputs_load(trained):
     report = json.loads((root / "uniform.json").read_text())
     assert report["train"]["run"]["train_config"]["lr"] == 3e-3  # --from-scratch's default, not fine-tuning's 1e-4
     assert report["train"]["method_report"]["config"]["unit_score"] == "l1"  # the paper's, from random init
+    assert report["train"]["method_report"]["config"]["couple_score"] == "fisher"
+    assert json.loads((root / "tsvd.json").read_text())["train"]["method_report"]["config"]["couple_score"] == "magnitude"
     for name, path in outs.items():
         report = json.loads((root / f"{name}.json").read_text())["train"]["method_report"]
         layout = "uniform" if name == "uniform" else "free"

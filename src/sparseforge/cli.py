@@ -269,6 +269,10 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                         "target at --reach-by (methods compared on one schedule share the parameter trajectory)")
     p.add_argument("--reach-by", type=fraction("0.6", one=True), default=0.6,
                    help="--shrink-schedule linear: share of --steps at which the line reaches the target (default 0.6)")
+    p.add_argument("--couple-score", default="fisher", choices=["fisher", "magnitude"],
+                   help="transpa / structured-l1 / tsvd: how each round selects its K couples; fisher = coupled Fisher "
+                        "over the round's batches (default, the paper's), magnitude = the couples' mean |w| (the "
+                        "L1-only estimation ablation)")
     p.add_argument("--unit-score", default=None, choices=["activation", "l1"],
                    help="transpa: how a selected couple's units are ranked for the θ rule; activation = their measured "
                         "contribution on the round's batches (default), l1 = the paper's coupled L1 product (default "
@@ -613,7 +617,8 @@ def _method_options(args) -> dict:
     if family == "transpa":
         return dict(method=args.method, target_params=args.target_params,
                     round_steps=args.round_steps or max(1, args.steps // 10), fraction=args.fraction, theta=args.theta,
-                    layout=args.layout, unit_score=args.unit_score, shrink_schedule=args.shrink_schedule, reach_by=args.reach_by)
+                    layout=args.layout, unit_score=args.unit_score, shrink_schedule=args.shrink_schedule, reach_by=args.reach_by,
+                    couple_score=args.couple_score)
     return dict(method=args.method, keep=args.keep, rank_ratio=args.rank_ratio, beta1=args.beta1, beta2=args.beta2,
                 initial_steps=args.initial_steps, final_steps=args.final_steps, interval=args.mask_interval,
                 pruned_rows=args.pruned_rows)

@@ -24,6 +24,9 @@ rounds catch up); the report gives the largest lag.
 - ``structured-l1``: the uncoupled ablation, each matrix's rows / columns by their own L1
   norm; same Fisher selection, same rounds and target, so the same parameter trajectory
   up to one removal per round.
+- ``--couple-score magnitude`` (any variant): the L1-only estimation ablation; couples are
+  selected by the mean |w| of their slices (``magnitude_scores``, read at the round) instead of
+  the coupled Fisher, which is then not accumulated.
 - ``tsvd``: the truncated-SVD ablation (``truncated_svd.py``): a selected couple loses as
   many units as the θ rule on its coupled L1 masses says, but they are the weakest singular
   directions of its coupled product (a couple that loses units is first rewritten in its
@@ -51,7 +54,7 @@ from ..models import get_adapter
 from ..train.trainer import Callback
 from .activations import ActivationStats
 from .couples import block_attention, compact_capable, ffn_couple
-from .importance import CoupledFisher
+from .importance import CoupledFisher, magnitude_scores
 from .plain_config import allowed_group_counts, config_keys
 from .select import LAYOUTS, RemovalPlan, clamp_plan, finest_removal, layout_floor, plan_round
 from .surgery import apply_plan, uniform_config
@@ -62,6 +65,9 @@ log = logging.getLogger(__name__)
 VARIANTS = ("transpa", "structured-l1", "tsvd")
 SCHEDULES = ("theta", "linear")
 UNIT_SCORES = ("activation", "l1")  # transpa's choice
+#: how a round selects its K couples: coupled Fisher over the round's batches (the paper's), or the
+#: L1-only estimation ablation (mean |w| of the couple's slices)
+COUPLE_SCORES = ("fisher", "magnitude")
 #: transpa chooses its unit score; each ablation's score is its definition
 #: (tsvd: as many units as the L1 θ rule removes, the weakest singular directions)
 DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1", "tsvd": "l1-count-svd-directions"}
@@ -84,6 +90,7 @@ class TranSpaConfig:
     unit_score: str | None = None  # None: the variant's default (DEFAULT_UNIT_SCORE)
     shrink_schedule: str = "theta"  # theta: each round removes what the θ rule says; linear: capped by a line
     reach_by: float = 0.6  # linear: the share of the steps at which the line reaches the target
+    couple_score: str = "fisher"  # fisher: coupled Fisher (the paper's); magnitude: mean |w| (the ablation)
 
     def __post_init__(self):
         if self.method not in VARIANTS:
@@ -113,6 +120,9 @@ class TranSpaConfig:
         if not (_finite(self.reach_by) and 0 < self.reach_by <= 1):
             raise ConfigError(f"--reach-by {self.reach_by} must be in (0, 1]: the share of --steps at which the linear "
                               "schedule reaches the target, e.g. 0.6")
+        if self.couple_score not in COUPLE_SCORES:
+            raise ConfigError(f"--couple-score '{self.couple_score}' unknown: choose fisher (coupled Fisher over the "
+                              "round's batches) or magnitude (mean |w| of each couple, the L1-only ablation)")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout '{self.layout}' unknown: choose uniform (a plain HF checkpoint) or free "
                               "(per-layer sizes, loads with sparseforge.load_model)")
@@ -221,9 +231,13 @@ class StructuredRounds(Callback):
         if self.stats is not None:
             self.stats.detach()
 
+    @property
+    def by_fisher(self) -> bool:
+        return self.config.couple_score == "fisher"
+
     def on_gradients(self, trainer) -> None:
         model = self._model(trainer)
-        if self.shrinking(count_parameters(model)):
+        if self.by_fisher and self.shrinking(count_parameters(model)):
             self.fisher.accumulate(model)
 
     @torch.no_grad()
@@ -232,12 +246,13 @@ class StructuredRounds(Callback):
             return
         model = self._model(trainer)
         current = count_parameters(model)
-        if not self.shrinking(current) or not self.fisher.batches:
+        if not self.shrinking(current) or (self.by_fisher and not self.fisher.batches):
             return
         allowed = self.allowed(trainer.step)
         if current <= allowed + self.tolerance:  # ahead of the line: keep gathering this round's statistics
             return
-        plan, self.carry = plan_round(model, self.fisher.scores(), layout=self.config.layout, fraction=self.fraction,
+        scores = self.fisher.scores() if self.by_fisher else magnitude_scores(model)
+        plan, self.carry = plan_round(model, scores, layout=self.config.layout, fraction=self.fraction,
                                       theta=self.config.theta, unit_scorer=self._unit_scorer(),
                                       carry=self.carry)
         if self.ffn_only:  # a plain checkpoint of this family cannot drop heads: FFN units only
