@@ -29,7 +29,9 @@ smol: the embedded SmolLM2-135M pruned to 70% and 80% of its parameters while
 training on wiki (uniform and free layouts), TranSpa vs structured-l1 and the
 tSVD ablation (truncated SVD of each coupled product);
 perplexity on the 40 held-out windows of 512 tokens. The 70% TranSpa models
-are saved for the speed suite. The 70% uniform pair is rerun on one shared
+are saved for the speed suite. TranSpa at 70% uniform also runs with its
+couples selected by magnitude instead of Fisher (the L1-only estimation
+ablation, smol-transpa-magnitude-70-uniform). The 70% uniform pair is rerun on one shared
 parameter line (--shrink-schedule linear; the *-linear runs).
 
 speed: dense SmolLM2 vs the saved 70% uniform and free TranSpa models, prefill
@@ -135,7 +137,8 @@ SCRATCH_TRANSPA = "transpa-l1"
 REPEAT_SEEDS = (1, 2)
 REPEATED = (SCRATCH_TRANSPA, "structured-l1", "small-dense", "dense")
 LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size",
-          "transpa-l1": "TranSpa (L1 unit score)", "tsvd": "tSVD of the coupled products"}
+          "transpa-l1": "TranSpa (L1 unit score)", "tsvd": "tSVD of the coupled products",
+          "transpa-magnitude": "TranSpa, couples by magnitude (no Fisher)"}
 #: parameters of the smallest removal per (suite, layout) (``finest_removal``: an FFN unit, or one in every layer),
 #: for runs stored before the rounds stopped within half of it (their reports lack ``tolerance``)
 FINEST_REMOVAL = {("smol", "uniform"): 30 * 3 * 576, ("smol", "free"): 3 * 576, ("encoder", "free"): 2 * 384 + 1,
@@ -203,6 +206,7 @@ def planned(suite: str) -> list[Run]:
     if suite == "smol":
         return ([Run("smol", m, t, layout) for t, layout in ((0.7, "uniform"), (0.8, "uniform"), (0.7, "free"))
                  for m in ("transpa", "structured-l1")] + [Run("smol", "transpa-l1", 0.7, "uniform")]
+                + [Run("smol", "transpa-magnitude", 0.7, "uniform")]
                 + [Run("smol", "tsvd", t, layout) for t, layout in ((0.7, "uniform"), (0.7, "free"), (0.8, "uniform"))]
                 + [Run("smol", m, 0.7, "uniform", schedule="linear") for m in ("transpa", "structured-l1")])
     if suite == "encoder":
@@ -407,6 +411,8 @@ def smol_worker(run: Run) -> dict:
     method = run.method
     if method == "transpa-l1":  # the ablation of the unit score: the paper's coupled L1 product
         method, options = "transpa", {**options, "unit_score": "l1"}
+    if method == "transpa-magnitude":  # the L1-only estimation ablation: couples selected without Fisher
+        method, options = "transpa", {**options, "couple_score": "magnitude"}
     # no evaluation during training: the reported perplexity is the one-shot tables' protocol, after training
     report = train(model, tokenizer, method=method, task="lm", data="wiki", seq_len=s["seq_len"], evaluate=False,
                    method_options=options, progress=False, **train_options(s))
@@ -530,7 +536,11 @@ def stored_run(run: Run) -> dict | None:
     result = json.loads(run.path.read_text()) if in_work else kept_in_docs(run)
     if result is None:
         return None
-    if run.method in ("transpa", "transpa-l1") and unit_score(result) != ("l1" if run.method == "transpa-l1" else UNIT_SCORE):
+    wanted_unit_score = "l1" if run.method == "transpa-l1" else UNIT_SCORE
+    if run.method in ("transpa", "transpa-l1", "transpa-magnitude") and unit_score(result) != wanted_unit_score:
+        return None
+    couple_score = result.get("method_report", {}).get("config", {}).get("couple_score", "fisher")
+    if couple_score != ("magnitude" if run.method == "transpa-magnitude" else "fisher"):
         return None
     if run.method == "tsvd" and unit_score(result) != TSVD_UNIT_SCORE:  # an earlier definition of the ablation
         return None
@@ -852,6 +862,13 @@ def smol_table(runs: dict[Run, dict]) -> tuple[str, dict]:
                              + _size_caveat(transpa, baseline))
     if notes:
         lines += ["", "Targets: " + "; ".join(notes) + "."]
+    for (target, layout, method), magnitude in ppl.items():
+        fisher = ppl.get((target, layout, "transpa"))
+        if method == "transpa-magnitude" and fisher is not None:
+            verdict[f"fisher_below_magnitude_{round(100 * target)}_{layout}"] = fisher < magnitude
+            lines += ["", f"Couple selection, {target:.0%} {layout} (TranSpa, the same unit score and rounds): coupled "
+                          f"Fisher {fisher:.2f} vs the couples' mean |w| {magnitude:.2f} (the L1-only estimation "
+                          f"ablation): Fisher {'better' if fisher < magnitude else 'NOT better'}."]
     if checked[0]:
         lines += ["", checked[0]]
         verdict["line_check"] = checked[1]
@@ -998,7 +1015,7 @@ def plot_smol(runs: dict[Run, dict], path: Path) -> None:
     plt = _pyplot()
     runs = on_own_rounds(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in ("transpa", "structured-l1", "transpa-l1", "tsvd"):
+    for method in ("transpa", "structured-l1", "transpa-l1", "transpa-magnitude", "tsvd"):
         for layout, marker in (("uniform", "o"), ("free", "s")):
             points = sorted((r["method_report"]["final_parameters"]["total"] / 1e6, r["run"]["metrics_after_512"]["perplexity"])
                             for run, r in runs.items() if run.method == method and run.layout == layout)
