@@ -660,20 +660,25 @@ def seed_zero(runs: dict[Run, dict]) -> dict[Run, dict]:
     return {run: result for run, result in runs.items() if run.seed == 0}
 
 
+def geometric_mean(values: list[float]) -> float:
+    """exp of the mean log: for perplexities, the perplexity of the mean NLL (one bad seed does not swamp it)."""
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
-    """The repeated runs' final perplexity per seed, their means and the targets on them: TranSpa's mean below the
-    other's, and on how many seeds (a pair counts only on the seeds both have)."""
+    """The repeated runs' final perplexity per seed, their geometric means and the targets on them: TranSpa's below
+    the other's (the mean per-seed log ratio below 0), and on how many seeds (a pair counts on the seeds both have)."""
     seeds = sorted({run.seed for run in runs})
     ppl = {(r.method, r.seed): res["run"]["metrics_after"]["perplexity"] for r, res in runs.items()}
     methods = [m for m in REPEATED if any((m, seed) in ppl for seed in seeds)]
     if len(seeds) < 2 or SCRATCH_TRANSPA not in methods:
         return "", {}
-    lines = ["| run | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | range |",
+    lines = ["| run | " + " | ".join(f"seed {seed}" for seed in seeds) + " | geometric mean | range |",
              "|---|" + "---:|" * (len(seeds) + 2)]
     for method in methods:
         values = [ppl[(method, seed)] for seed in seeds if (method, seed) in ppl]
         cells = [f"{ppl[(method, seed)]:.2f}" if (method, seed) in ppl else "-" for seed in seeds]
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {sum(values) / len(values):.2f} | "
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {geometric_mean(values):.2f} | "
                      f"{min(values):.2f}-{max(values):.2f} |")
     verdict, notes, tp = {"seeds": seeds}, [], SCRATCH_TRANSPA
     for other, label in (("structured-l1", "structured-l1"), ("small-dense", "the small dense model"),
@@ -681,8 +686,8 @@ def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
         shared = [seed for seed in seeds if (tp, seed) in ppl and (other, seed) in ppl]
         if len(shared) < 2:
             continue
-        mine = sum(ppl[(tp, seed)] for seed in shared) / len(shared)
-        theirs = sum(ppl[(other, seed)] for seed in shared) / len(shared)
+        mine = geometric_mean([ppl[(tp, seed)] for seed in shared])
+        theirs = geometric_mean([ppl[(other, seed)] for seed in shared])
         gaps = [ppl[(tp, seed)] / ppl[(other, seed)] - 1 for seed in shared]
         wins = sum(gap < 0 for gap in gaps)
         which = "seeds " + ", ".join(map(str, shared))
@@ -702,7 +707,7 @@ def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
             "every run sees the same tokens; the small dense model keeps seed 0's shape). Final perplexity:\n\n"
             + "\n".join(lines))
     if notes:
-        text += f"\n\nTargets for {LABELS[tp]} on the mean over the seeds: " + "; ".join(notes) + "."
+        text += f"\n\nTargets for {LABELS[tp]} on the geometric means over the seeds: " + "; ".join(notes) + "."
     return text, verdict
 
 
