@@ -793,8 +793,9 @@ def on_own_rounds(runs: dict[Run, dict]) -> dict[Run, dict]:
 
 
 def line_check(runs: dict[Run, dict], score, label: str, lower_is_better: bool) -> tuple[str, dict]:
-    """TranSpa vs structured-l1 on one shared line (LINE_CHECKS) beside the same pair on their own θ rounds: the
-    score, the step each reached the target and its lag; ``score(result)`` is the suite's metric."""
+    """TranSpa vs structured-l1 on one shared line (the ``schedule="linear"`` runs of ``planned``) beside the same
+    pair on their own θ rounds: the score, the step each reached the target and its lag (and a caveat when the pair
+    did not end at the same size); ``score(result)`` is the suite's metric."""
     pairs = {}
     for run, result in runs.items():
         if run.method in ("transpa", "structured-l1"):
@@ -816,7 +817,7 @@ def line_check(runs: dict[Run, dict], score, label: str, lower_is_better: bool) 
             if schedule == "linear":
                 lags = [r["method_report"]["schedule"]["max_lag"] / r["method_report"]["parameters"]["start"]
                         for r in pair]
-                where += "; largest lag " + " / ".join(f"{lag:.1%}" for lag in lags)
+                where += "; largest lag " + " / ".join(f"{lag:.1%}" for lag in lags) + _size_caveat(*pair)
                 verdict[f"transpa_better_on_line_{round(100 * target)}_{layout}"] = better
             name = "own θ rounds" if schedule == "theta" else "one shared line"
             lines.append(f"| | {name} ({where}) | {values[0]:.4g} | {values[1]:.4g} | {'yes' if better else 'NO'} |")
@@ -1055,7 +1056,7 @@ def build_docs() -> None:
 
     def add_training_suite(suite: str, title: str, table, plot=None) -> None:
         runs = stored(suite)
-        if not runs:
+        if not seed_zero(on_own_rounds(runs)):  # the seed repeats and line checks only add to a main table
             return
         text, verdict = table(runs)
         if plot is not None:
@@ -1079,7 +1080,8 @@ def build_docs() -> None:
     body = ("## TranSpa vs structured-l1: structured sparse training (`benchmarks/transpa.py`)\n\n"
             f"TranSpa ranks a selected couple's units by `--unit-score {UNIT_SCORE}` (the default: each unit's "
             "measured contribution on the round's batches; docs/transpa.md says why); structured-l1 by each "
-            "matrix's own row / column L1 norms. Both select couples by coupled Fisher, on the same rounds. From "
+            "matrix's own row / column L1 norms. Both select couples by coupled Fisher (the \"couples by magnitude\" row: "
+            "the L1-only estimation ablation, `--couple-score magnitude`), on the same rounds. From "
             "random initialisation `sparseforge train --from-scratch` scores units by the paper's coupled L1 product "
             "instead (the \"TranSpa (L1 unit score)\" rows; the scratch targets are read from them).\n\n"
             + "\n\n".join(sections)
@@ -1153,7 +1155,7 @@ def main() -> None:
         use_smoke()
     unknown = set(args.run or ()) - {r.name for suite in SUITES for r in planned(suite)}
     if unknown:
-        parser.error(f"unknown run {', '.join(sorted(unknown))}: the runs are named SUITE-METHOD[-TARGET-LAYOUT], "
+        parser.error(f"unknown run {', '.join(sorted(unknown))}: the runs are named SUITE-METHOD[-TARGET-LAYOUT][-seedN][-linear], "
                      "e.g. smol-transpa-70-free")
     OUT.mkdir(parents=True, exist_ok=True)
     if args.worker:

@@ -214,9 +214,18 @@ def test_rounds_select_couples_by_the_couple_score(couple_score, monkeypatch):
     if couple_score == "magnitude":
         assert all(scores == magnitude for scores, magnitude in seen) and rounds.fisher.batches == 0
     else:
-        for scores, magnitude in seen:
-            assert scores.keys() == magnitude.keys()
-            assert sorted(scores, key=scores.get) != sorted(magnitude, key=magnitude.get)
+        assert all(scores.keys() == magnitude.keys() for scores, magnitude in seen)
+        assert any(sorted(scores, key=scores.get) != sorted(magnitude, key=magnitude.get) for scores, magnitude in seen)
+
+
+def test_settings_added_later_stay_out_of_the_resume_identity_at_their_defaults():
+    """A checkpoint written before --shrink-schedule / --reach-by / --couple-score existed resumes a run at their
+    defaults; any other value is part of the identity, so a mismatch is still caught."""
+    default = build_train_method("transpa", STEPS, OPTIONS).identity()["transpa"]
+    assert not {"shrink_schedule", "reach_by", "couple_score"} & default.keys() and default["theta"] == 0.5
+    other = build_train_method("transpa", STEPS, {**OPTIONS, **LINEAR, "couple_score": "magnitude"}).identity()
+    assert other["transpa"]["couple_score"] == "magnitude" and other["transpa"]["reach_by"] == 0.75
+    assert other["transpa"]["shrink_schedule"] == "linear"
 
 
 #: the linear schedule over the tiny run: the line meets the target at step 6 (rounds at 2, 4 and 6)
@@ -255,7 +264,8 @@ def test_methods_on_the_linear_schedule_share_the_parameter_trajectory(layout):
 
 
 @pytest.mark.parametrize("layout, method, options", [("free", "transpa", None), ("uniform", "transpa", None),
-                                                     ("free", "tsvd", None), ("free", "structured-l1", LINEAR)])
+                                                     ("free", "tsvd", None), ("free", "structured-l1", LINEAR),
+                                                     ("free", "transpa", {"couple_score": "magnitude"})])
 def test_resume_across_a_shrink_is_bit_identical(layout, method, options, tmp_path):
     straight, report, *_ = run(method, layout=layout, checkpoint_dir=str(tmp_path / "a"), options=options)
     with pytest.raises(KeyboardInterrupt):  # checkpoint at step 3 (after the round at step 2), killed at step 5
@@ -370,20 +380,21 @@ def test_cli_refuses_the_encoder_target_its_uniform_layout_cannot_reach(capsys, 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Tiny llamas trained from scratch by the CLI: uniform (plain HF), free (structure manifest), and the tSVD
-    ablation's free layout (its couples selected by magnitude, the L1-only estimation ablation)."""
+    """Tiny llamas trained from scratch by the CLI: uniform (plain HF), free (structure manifest), the tSVD
+    ablation's free layout, and a free layout whose couples are selected by magnitude (the L1-only ablation)."""
     root = tmp_path_factory.mktemp("transpa-cli")
     text = root / "text.txt"
     text.write_text(" ".join(f"word{i % 97} and more text number {i}." for i in range(400)))
     config = scratch_config(root)
     outs = {}
-    for name, method, layout in (("uniform", "transpa", "uniform"), ("free", "transpa", "free"), ("tsvd", "tsvd", "free")):
+    for name, method, layout in (("uniform", "transpa", "uniform"), ("free", "transpa", "free"), ("tsvd", "tsvd", "free"),
+                                 ("magnitude", "transpa", "free")):
         outs[name] = root / name
         code = main(["train", "--method", method, "--from-scratch", str(config), "--data", str(text), "--no-eval",
                      "--steps", "6", "--round-steps", "2", "--target-params", "0.985", "--fraction", "0.5", "--theta", "0.5",
                      "--layout", layout, "--seq-len", "32", "--batch-size", "2", "--keep", "0.3",
                      "--output", str(outs[name]), "--json", str(root / f"{name}.json"),
-                     *(["--couple-score", "magnitude"] if method == "tsvd" else [])])
+                     *(["--couple-score", "magnitude"] if name == "magnitude" else [])])
         assert code == 0
     return outs, root
 
@@ -396,7 +407,7 @@ def test_cli_transpa_from_scratch_outputs_load(trained):
     assert report["train"]["run"]["train_config"]["lr"] == 3e-3  # --from-scratch's default, not fine-tuning's 1e-4
     assert report["train"]["method_report"]["config"]["unit_score"] == "l1"  # the paper's, from random init
     assert report["train"]["method_report"]["config"]["couple_score"] == "fisher"
-    assert json.loads((root / "tsvd.json").read_text())["train"]["method_report"]["config"]["couple_score"] == "magnitude"
+    assert json.loads((root / "magnitude.json").read_text())["train"]["method_report"]["config"]["couple_score"] == "magnitude"
     for name, path in outs.items():
         report = json.loads((root / f"{name}.json").read_text())["train"]["method_report"]
         layout = "uniform" if name == "uniform" else "free"

@@ -444,6 +444,12 @@ def prune_model(
                             "propagated; this run keeps no FFN intermediate to drop, so it changes nothing")
             release_free_memory()
             hidden, calls = capture_block_inputs(model, blocks, batches, last_block)
+            if (config.low_memory and _branchwise_one_pass(adapter, config, len(batches))
+                    and block_keywords(blocks[0], calls[0][0].args, calls[0][0].kwargs, len(batches[0])) is None):
+                # every block receives the same arguments: the first block's decide for all
+                log.warning("low_memory changes nothing here: the blocks' arguments cannot be split into chunks of "
+                            "windows (per-window state such as a padded batch's mask, or an unknown signature), so "
+                            "each block runs whole")
             bar = tqdm(range(last_block + 1), desc=f"{method.name} {config.pattern}", disable=not progress)
             for index in bar:
                 t0 = time.perf_counter()
@@ -551,10 +557,6 @@ def _prune_block(adapter, index, layers, method, options, hidden, calls, config,
     keywords = None
     if _branchwise_one_pass(adapter, config, len(hidden)):
         keywords = block_keywords(block, calls[0].args, calls[0].kwargs, len(hidden[0]))
-        if keywords is None and config.low_memory and index == 0:  # the same arguments reach every block
-            log.warning("low_memory changes nothing here: the blocks' arguments cannot be split into chunks of "
-                        "windows (per-window state such as a padded batch's mask, or an unknown signature), so "
-                        "each block runs whole")
     if keywords is not None:
         # the memory-lean path: the block branch by branch, a few windows at a time
         x = hidden[0] if compute_dtype is None else hidden[0].to(compute_dtype)

@@ -68,6 +68,9 @@ UNIT_SCORES = ("activation", "l1")  # transpa's choice
 #: how a round selects its K couples: coupled Fisher over the round's batches (the paper's), or the
 #: L1-only estimation ablation (mean |w| of the couple's slices)
 COUPLE_SCORES = ("fisher", "magnitude")
+#: settings added after TranSpa checkpoints were first written, with their defaults (see TranSpaMethod.identity)
+LATER_DEFAULTS = {"shrink_schedule": "theta", "reach_by": 0.6, "couple_score": "fisher"}
+_ABSENT = object()
 #: transpa chooses its unit score; each ablation's score is its definition
 #: (tsvd: as many units as the L1 θ rule removes, the weakest singular directions)
 DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1", "tsvd": "l1-count-svd-directions"}
@@ -173,7 +176,8 @@ def _ffn_only(model, layout: str) -> bool:
 
 
 class StructuredRounds(Callback):
-    """Coupled Fisher after every backward; a removal round every ``round_steps`` steps until the target."""
+    """Coupled Fisher after every backward (``--couple-score fisher``); a removal round every ``round_steps`` steps
+    until the target."""
 
     def __init__(self, config: TranSpaConfig, target: int, fraction: float, ffn_only: bool = False,
                  tolerance: int = 0, reach_step: int | None = None):
@@ -321,7 +325,9 @@ class TranSpaMethod:
         self.info: dict = {}
 
     def identity(self) -> dict:
-        return {"transpa": asdict(self.config)}
+        """The settings a checkpoint must share to resume; settings added later are left out at their defaults, so a
+        checkpoint written before they existed still resumes."""
+        return {"transpa": {k: v for k, v in asdict(self.config).items() if LATER_DEFAULTS.get(k, _ABSENT) != v}}
 
     def check(self, model) -> tuple[int, int, int, int]:
         """(parameters, block parameters, the rest, target); ConfigError if the target is below the rest or below
@@ -394,8 +400,9 @@ class TranSpaMethod:
                      "fraction_used": fraction, "fraction_adapted": adapted is not None, "ffn_only": ffn_only,
                      "schedule": {"kind": config.shrink_schedule, "reach_step": reach_step}}
         log.info("%s: %d parameters (%d in the blocks) -> target %d, a round every %d steps (%d rounds available), "
-                 "K %.2f θ %.2f, %s layout, units scored by %s", config.method, total, block, target, config.round_steps,
-                 rounds, fraction, config.theta, config.layout, config.unit_score)
+                 "K %.2f θ %.2f, %s layout, couples selected by %s, units scored by %s", config.method, total, block,
+                 target, config.round_steps, rounds, fraction, config.theta, config.layout, config.couple_score,
+                 config.unit_score)
         return dict(self.info)
 
     def callbacks(self) -> list[Callback]:
