@@ -812,15 +812,17 @@ def line_check(runs: dict[Run, dict], score, label: str, lower_is_better: bool) 
             if None in pair:
                 continue
             values = [score(r) for r in pair]
-            better = values[0] < values[1] if lower_is_better else values[0] > values[1]
+            caveat = _size_caveat(*pair)  # a pair that ended at different sizes is not compared
+            better = None if caveat else values[0] < values[1] if lower_is_better else values[0] > values[1]
             where = "target reached at " + " / ".join(_reached(r) for r in pair)
             if schedule == "linear":
                 lags = [r["method_report"]["schedule"]["max_lag"] / r["method_report"]["parameters"]["start"]
                         for r in pair]
-                where += "; largest lag " + " / ".join(f"{lag:.1%}" for lag in lags) + _size_caveat(*pair)
+                where += "; largest lag " + " / ".join(f"{lag:.1%}" for lag in lags)
                 verdict[f"transpa_better_on_line_{round(100 * target)}_{layout}"] = better
             name = "own θ rounds" if schedule == "theta" else "one shared line"
-            lines.append(f"| | {name} ({where}) | {values[0]:.4g} | {values[1]:.4g} | {'yes' if better else 'NO'} |")
+            answer = {True: "yes", False: "NO", None: "not compared" + caveat}[better]
+            lines.append(f"| | {name} ({where}) | {values[0]:.4g} | {values[1]:.4g} | {answer} |")
     if not lines:
         return "", {}
     return ("The same pair on one shared parameter line (`--shrink-schedule linear`: every round capped by a straight "
