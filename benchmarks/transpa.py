@@ -132,6 +132,10 @@ SCRATCH_SUITES = ("scratch", "scratch-long")
 #: the TranSpa run the scratch targets are read from: `sparseforge train --from-scratch` scores units by the paper's
 #: coupled L1 product (the activation score is the default on pretrained models)
 SCRATCH_TRANSPA = "transpa-l1"
+#: run methods that are a library method with options: (the method `train` runs, the options it adds); the workers
+#: train them so and ``stored_run`` rejects a stored run trained otherwise
+RUN_VARIANTS = {"small-dense": ("dense", {}), "transpa-l1": ("transpa", {"unit_score": "l1"}),
+                "transpa-magnitude": ("transpa", {"couple_score": "magnitude"})}
 #: the scratch suites repeat the runs the targets compare with these seeds too (model init and batch order; within
 #: a seed every run sees the same tokens): one seed's gap of a few percent can be noise
 REPEAT_SEEDS = (1, 2)
@@ -226,6 +230,11 @@ def saved_for_speed() -> list[Run]:
 def train_options(s: dict, seed: int = 0) -> dict:
     return dict(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=s["weight_decay"],
                 warmup=s["warmup"], seed=seed)
+
+
+def library_method(run: Run) -> tuple[str, dict]:
+    """The library method ``run`` trains with and the method options its variant adds (RUN_VARIANTS)."""
+    return RUN_VARIANTS.get(run.method, (run.method, {}))
 
 
 def with_schedule(s: dict, run: Run) -> dict:
@@ -386,14 +395,12 @@ def scratch_worker(run: Run) -> dict:
         fields, extra["small_dense"] = small_dense_fields(fields, stored_transpa_scratch(run.suite), s["keep_blocks"])
     model = scratch_model(fields, tokenizer, seed=run.seed)
     extra["block_parameters_start"] = block_parameters(model)
+    method, variant = library_method(run)
     options = {}
-    if run.method in ("transpa", "structured-l1", "transpa-l1"):
+    if method != "dense":
         total, block = count_parameters(model), block_parameters(model)
         target = (total - block + s["keep_blocks"] * block) / total  # keep_blocks of the blocks, as a share of all
-        options = {**round_schedule(model, target, s), "layout": s["layout"]}
-    method = {"small-dense": "dense", "transpa-l1": "transpa"}.get(run.method, run.method)
-    if run.method == "transpa-l1":  # the paper's unit score, the coupled L1 product
-        options["unit_score"] = "l1"
+        options = {**round_schedule(model, target, s), "layout": s["layout"], **variant}
     report = train(model, tokenizer, method=method, task="lm", data="wiki", seq_len=s["seq_len"],
                    eval_windows=s["eval_windows"], eval_batch_size=s["eval_batch_size"], method_options=options,
                    progress=False, eval_every=s["eval_every"], **train_options(s, run.seed))
@@ -407,12 +414,8 @@ def smol_worker(run: Run) -> dict:
 
     s = settings("smol")
     model, tokenizer = load_model(None)
-    options = {**round_schedule(model, run.target, with_schedule(s, run)), "layout": run.layout}
-    method = run.method
-    if method == "transpa-l1":  # the ablation of the unit score: the paper's coupled L1 product
-        method, options = "transpa", {**options, "unit_score": "l1"}
-    if method == "transpa-magnitude":  # the L1-only estimation ablation: couples selected without Fisher
-        method, options = "transpa", {**options, "couple_score": "magnitude"}
+    method, variant = library_method(run)  # the ablations of the unit score and of the couple selection
+    options = {**round_schedule(model, run.target, with_schedule(s, run)), "layout": run.layout, **variant}
     # no evaluation during training: the reported perplexity is the one-shot tables' protocol, after training
     report = train(model, tokenizer, method=method, task="lm", data="wiki", seq_len=s["seq_len"], evaluate=False,
                    method_options=options, progress=False, **train_options(s))
@@ -536,11 +539,11 @@ def stored_run(run: Run) -> dict | None:
     result = json.loads(run.path.read_text()) if in_work else kept_in_docs(run)
     if result is None:
         return None
-    wanted_unit_score = "l1" if run.method == "transpa-l1" else UNIT_SCORE
-    if run.method in ("transpa", "transpa-l1", "transpa-magnitude") and unit_score(result) != wanted_unit_score:
+    method, variant = library_method(run)
+    if method == "transpa" and unit_score(result) != variant.get("unit_score", UNIT_SCORE):
         return None
     couple_score = result.get("method_report", {}).get("config", {}).get("couple_score", "fisher")
-    if couple_score != ("magnitude" if run.method == "transpa-magnitude" else "fisher"):
+    if couple_score != variant.get("couple_score", "fisher"):
         return None
     if run.method == "tsvd" and unit_score(result) != TSVD_UNIT_SCORE:  # an earlier definition of the ablation
         return None
