@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -68,9 +68,8 @@ UNIT_SCORES = ("activation", "l1")  # transpa's choice
 #: how a round selects its K couples: coupled Fisher over the round's batches (the paper's), or the
 #: L1-only estimation ablation (mean |w| of the couple's slices)
 COUPLE_SCORES = ("fisher", "magnitude")
-#: settings added after TranSpa checkpoints were first written, with their defaults (see TranSpaMethod.identity)
-LATER_DEFAULTS = {"shrink_schedule": "theta", "reach_by": 0.6, "couple_score": "fisher"}
-_ABSENT = object()
+#: settings added after TranSpa checkpoints were first written (see TranSpaMethod.identity)
+LATER_SETTINGS = ("shrink_schedule", "reach_by", "couple_score")
 #: transpa chooses its unit score; each ablation's score is its definition
 #: (tsvd: as many units as the L1 θ rule removes, the weakest singular directions)
 DEFAULT_UNIT_SCORE = {"transpa": "activation", "structured-l1": "l1", "tsvd": "l1-count-svd-directions"}
@@ -327,7 +326,8 @@ class TranSpaMethod:
     def identity(self) -> dict:
         """The settings a checkpoint must share to resume; settings added later are left out at their defaults, so a
         checkpoint written before they existed still resumes."""
-        return {"transpa": {k: v for k, v in asdict(self.config).items() if LATER_DEFAULTS.get(k, _ABSENT) != v}}
+        later = {f.name: f.default for f in fields(TranSpaConfig) if f.name in LATER_SETTINGS}
+        return {"transpa": {k: v for k, v in asdict(self.config).items() if k not in later or later[k] != v}}
 
     def check(self, model) -> tuple[int, int, int, int]:
         """(parameters, block parameters, the rest, target); ConfigError if the target is below the rest or below
