@@ -1,6 +1,8 @@
 """The CLI: every documented bad input gives exit 2 and a one-line message naming the fix."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,12 @@ def assert_error(capsys, argv, fragment):
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("sparseforge: error:")]
     assert len(lines) == 1 and fragment in lines[0], err
+
+
+def test_parsing_imports_no_torch():
+    """The CLI takes its choices from sparseforge.options, so --help and bad flags answer without loading torch."""
+    code = "import sys, sparseforge.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_help_works(capsys):

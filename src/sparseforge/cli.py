@@ -15,6 +15,21 @@ from . import __version__
 from .errors import ConfigError, NotALanguageModel, SparseforgeError
 from .export import SAVE_FORMATS
 from .methods import ONE_SHOT, RECOVERY, TRAIN_TIME, method_names, methods_help, train_family
+from .options import (
+    COMPUTE_DTYPES,
+    COUPLE_SCORES,
+    DTYPES,
+    LAYOUTS,
+    LOG_LEVELS,
+    LOWRANK_EXPORTS,
+    LR_SCHEDULES,
+    MIXED_PRECISION,
+    PROPAGATE,
+    PRUNED_ROWS,
+    SHRINK_SCHEDULES,
+    TASKS,
+    UNIT_SCORES,
+)
 from .validate import OneLineParser, fraction, integer, positive, real
 
 log = logging.getLogger("sparseforge")
@@ -28,7 +43,7 @@ PATTERN_HELP = (
 
 def _add_model_args(p, model_help="local HF directory, .gguf file or cached hub id (default: embedded SmolLM2-135M)"):
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="dtype the model is loaded in (statistics are float32 always)")
 
 
@@ -49,9 +64,9 @@ def _add_training_args(p, lr_help: str, weight_decay: float):
     p.add_argument("--weight-decay", type=real(0.0, example="0.01"), default=weight_decay,
                    help=f"AdamW weight decay on matrices (default {weight_decay:g})")
     p.add_argument("--warmup", type=fraction("0.03", zero=True), default=0.03, help="warm-up fraction of the steps (default 0.03)")
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "linear", "constant"])
+    p.add_argument("--schedule", default="cosine", choices=LR_SCHEDULES)
     p.add_argument("--seed", type=integer(0), default=0, help="seed of initialisation, dropout and batch order")
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+    p.add_argument("--mixed-precision", default="auto", choices=("auto", *MIXED_PRECISION),
                    help="autocast compute; auto (default): bf16 where the CPU (AVX-512 BF16, AMX) or GPU computes it "
                         "natively, else none (float32)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
@@ -150,7 +165,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     """Every subcommand's parser; ``parser_class`` is how a bad command line is reported (recipes raise instead)."""
     parser = parser_class(prog="sparseforge", description="Make transformer LMs sparse and measure it.")
     parser.add_argument("--version", action="version", version=f"sparseforge {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="one-shot prune a model on calibration text",
@@ -163,14 +178,14 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     p.add_argument("--calib", default="wiki", help="calibration text: wiki | FILE.txt | FILE.jsonl | saved dataset dir")
     p.add_argument("--n-calib", type=integer(1), default=32, help="calibration windows (default 32)")
     p.add_argument("--seed", type=integer(0), default=0, help="seed of the calibration window offsets")
-    p.add_argument("--propagate", default="pruned", choices=["pruned", "dense"],
+    p.add_argument("--propagate", default="pruned", choices=PROPAGATE,
                    help="next block's inputs: outputs of the pruned block (default) or of the dense one")
     p.add_argument("--batch-size", type=integer(1), default=None,
                    help="calibration windows per forward; default all at once (one pass per block)")
     p.add_argument("--low-memory", action="store_true",
                    help="one pass: keep none of the FFN intermediate, recompute it (the lowest peak memory; "
                         "the FFN's first layers run once more; the same result)")
-    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--compute-dtype", default="auto", choices=COMPUTE_DTYPES,
                    help="dtype of the calibration forward passes; auto (default): bfloat16 where the CPU (AVX-512 BF16, "
                         "AMX) or GPU computes it natively, else float32 (emulated bf16 is ~10x slower)")
     p.add_argument("--dampening", type=positive("0.01"), default=0.01, help="SparseGPT dampening, fraction of mean diag(H)")
@@ -231,7 +246,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     _add_model_args(p, "model directory, .gguf, cached hub id, or 'encoder' (the embedded MiniLM); "
                        "default: embedded SmolLM2 for --task lm, MiniLM for --task classify")
     p.add_argument("--method", default="losparse", help=methods_help(TRAIN_TIME) + " (default losparse)")
-    p.add_argument("--task", default="lm", choices=["lm", "classify"],
+    p.add_argument("--task", default="lm", choices=TASKS,
                    help="lm: next-token prediction, perplexity; classify: one label per text, accuracy and macro-F1")
     p.add_argument("--data", default=None,
                    help="lm: wiki | FILE.txt | FILE.jsonl | dataset dir (default wiki); classify: wiki-topics | "
@@ -251,7 +266,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     p.add_argument("--final-steps", type=integer(0), default=None, help="steps at the final budget (default 30%% of --steps)")
     p.add_argument("--mask-interval", type=integer(1), default=None,
                    help="steps between maskings in the cubic phase (default min(10, steps/50))")
-    p.add_argument("--pruned-rows", default="stay", choices=["stay", "train"],
+    p.add_argument("--pruned-rows", default="stay", choices=PRUNED_ROWS,
                    help="stay: a pruned row never returns (default); train: the reference's (zeroed at each masking, "
                         "trained in between)")
     p.add_argument("--target-params", type=fraction("0.7"), default=0.7,
@@ -263,22 +278,22 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                    help="transpa / structured-l1 / tsvd: share K of the couples each round selects (default 0.3)")
     p.add_argument("--theta", type=fraction("0.9"), default=0.9,
                    help="transpa / structured-l1 / tsvd: unit mass a selected couple keeps (default 0.9)")
-    p.add_argument("--shrink-schedule", default="theta", choices=["theta", "linear"],
+    p.add_argument("--shrink-schedule", default="theta", choices=SHRINK_SCHEDULES,
                    help="transpa / structured-l1 / tsvd: theta = each round removes what its θ rule says (default, the "
                         "paper's); linear = rounds capped so the parameter count follows a line from the start to the "
                         "target at --reach-by (methods compared on one schedule share the parameter trajectory)")
     p.add_argument("--reach-by", type=fraction("0.6", one=True), default=0.6,
                    help="--shrink-schedule linear: share of --steps at which the line reaches the target (default 0.6)")
-    p.add_argument("--couple-score", default="fisher", choices=["fisher", "magnitude"],
+    p.add_argument("--couple-score", default="fisher", choices=COUPLE_SCORES,
                    help="transpa / structured-l1 / tsvd: how each round selects its K couples; fisher = coupled Fisher "
                         "over the round's batches (default, the paper's), magnitude = the couples' mean |w| (the "
                         "L1-only estimation ablation)")
-    p.add_argument("--unit-score", default=None, choices=["activation", "l1"],
+    p.add_argument("--unit-score", default=None, choices=UNIT_SCORES,
                    help="transpa: how a selected couple's units are ranked for the θ rule; activation = their measured "
                         "contribution on the round's batches (default), l1 = the paper's coupled L1 product (default "
                         "with --from-scratch) "
                         "(structured-l1 always uses its own L1 norms, tsvd singular directions)")
-    p.add_argument("--layout", default="uniform", choices=["uniform", "free"],
+    p.add_argument("--layout", default="uniform", choices=LAYOUTS,
                    help="transpa / structured-l1 / tsvd: uniform = same sizes in every layer, a plain HF checkpoint (default); "
                         "free = per-layer sizes, loads with sparseforge.load_model")
     p.add_argument("--from-scratch", default=None, metavar="CONFIG",
@@ -292,7 +307,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     p.add_argument("--eval-batch-size", type=integer(1), default=None, help="examples per evaluation forward")
     p.add_argument("--text-field", default="text", help="text field of JSONL / CSV / dataset sources")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation before and after")
-    p.add_argument("--export", default="compact", choices=["compact", "dense"],
+    p.add_argument("--export", default="compact", choices=LOWRANK_EXPORTS,
                    help="compact: U, V and S's kept rows (smaller, faster; loads with sparseforge); dense: merged plain "
                         "weights that vanilla transformers loads (saves nothing)")
     p.add_argument("--output", default=None, help="directory for the trained model (+ sparseforge.json)")
@@ -302,7 +317,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
 
     p = sub.add_parser("eval", help="perplexity (or classification accuracy / macro-F1) of a model on held-out data")
     _add_model_args(p, "model directory, .gguf, cached hub id or 'encoder' (default: embedded SmolLM2-135M)")
-    p.add_argument("--task", default=None, choices=["lm", "classify"],
+    p.add_argument("--task", default=None, choices=TASKS,
                    help="default: the saved model's (a sequence classifier is evaluated on --data's labels)")
     p.add_argument("--data", default=None,
                    help="lm: wiki | FILE.txt | FILE.jsonl | dataset dir (default wiki); classify: wiki-topics | FILE")
@@ -322,7 +337,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
                                    "model once (A B A B ...); the first model is the baseline of the speed-ups.")
     p.add_argument("--model", action="append", default=None,
                    help="model directory, .gguf, cached hub id or 'encoder' (repeatable; default: the embedded SmolLM2 once)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--prefill-tokens", type=integer(1), default=512, help="prefill context length (default 512)")
     p.add_argument("--decode-tokens", type=integer(0), default=64, help="greedy tokens decoded with the KV cache (default 64)")
     p.add_argument("--context", type=integer(1), default=512, help="context before decoding (default 512)")
@@ -341,7 +356,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = OneLineParser) ->
     p.add_argument("model", help="saved model directory or .gguf file")
     p.add_argument("output", help="directory to write")
     p.add_argument("--format", required=True, choices=SAVE_FORMATS, help=SAVE_FORMAT_HELP)
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="dtype of the written weights (default: the dtype MODEL was saved in)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT directory")
 

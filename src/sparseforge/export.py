@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ConfigError, ModelError, first_line
+from .options import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def saved_dtype(model_dir: str | os.PathLike) -> str:
     path = Path(model_dir)
     config = read_config(path) if path.is_dir() else {}
     dtype = config.get("dtype") or config.get("torch_dtype")
-    return dtype if dtype in ("float32", "float16", "bfloat16") else "float32"
+    return dtype if dtype in DTYPES else "float32"
 
 
 def export_model(source: str | os.PathLike, output_dir: str | os.PathLike, save_format: str, overwrite: bool = False,

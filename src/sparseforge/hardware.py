@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
+from .options import COMPUTE_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 #: flags meaning float16 arithmetic runs in hardware on a CPU
 FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16", "asimdhp"})
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_CHOICES = COMPUTE_DTYPES
 _ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 #: what torch.backends.cpu.get_cpu_capability() implies when /proc/cpuinfo is unavailable
 _CAPABILITY_FLAGS = {"AVX2": ["avx", "avx2", "fma"], "AVX512": ["avx", "avx2", "fma", "avx512f"]}

@@ -36,12 +36,12 @@ from .export import METADATA_FILE
 from .models import adapter_class, get_adapter
 from .models.base import NEW_WEIGHTS_ATTR
 from .models.modules import apply_config_overrides, apply_structure
+from .options import TASKS
 from .sparse_checkpoint import CONFIG_KEYS, announced_format, decompress_state, read_config
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TASKS = ("lm", "classify")
 #: the source name of the embedded encoder (all-MiniLM-L6-v2); write "./encoder" for a directory of that name
 ENCODER_SOURCE = "encoder"
 #: single-file weights, then sharded indexes, in the order transformers prefers them

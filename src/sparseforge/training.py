@@ -21,8 +21,9 @@ from .errors import ConfigError
 from .eval.speed import parameter_bytes as model_size  # weights' parameters and bytes, tied tensors once
 from .methods import TRAIN_TIME, build_train_method, default_lr, get_method_info
 from .models import get_adapter
+from .options import TASKS
 from .train import TrainConfig
-from .train.run import TASKS, classification_data, lm_data, run_training
+from .train.run import classification_data, lm_data, run_training
 
 log = logging.getLogger(__name__)
 

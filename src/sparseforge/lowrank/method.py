@@ -31,6 +31,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.modules import block_linears, replace_module
+from ..options import PRUNED_ROWS
 from ..sparsity.schedule import CubicSchedule
 from ..train.trainer import Callback
 from .decompose import rank_for_ratio
@@ -40,7 +41,6 @@ from .layers import CompactLoSparseLinear, LoSparseLinear
 log = logging.getLogger(__name__)
 
 VARIANTS = ("losparse", "itp", "lowrank")
-PRUNED_ROWS = ("stay", "train")
 
 
 @dataclass

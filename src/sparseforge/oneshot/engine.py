@@ -34,6 +34,7 @@ from ..errors import ConfigError, ModelError
 from ..loading import DTYPES
 from ..measure import release_free_memory
 from ..models import get_adapter, get_weight, in_features, set_weight
+from ..options import PROPAGATE
 from ..sparsity.masks import sparsity_of
 from ..sparsity.pattern import Pattern
 from .chunked import block_keywords, prune_block_in_chunks
@@ -88,7 +89,7 @@ class OneShotConfig:
         self.overrides = {k: Pattern.parse(v) for k, v in self.overrides.items()}
         self.skip = tuple(self.skip)
         get_method(self.method)
-        if self.propagate not in ("pruned", "dense"):
+        if self.propagate not in PROPAGATE:
             raise ConfigError(f"propagate must be 'pruned' or 'dense', not '{self.propagate}'")
         if not 0.0 < self.block_fraction <= 1.0:
             raise ConfigError(f"block fraction {self.block_fraction} must be in (0, 1]")

@@ -51,6 +51,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models import get_adapter
+from ..options import COUPLE_SCORES, SHRINK_SCHEDULES, UNIT_SCORES
 from ..train.trainer import Callback
 from .activations import ActivationStats
 from .couples import block_attention, compact_capable, ffn_couple
@@ -63,11 +64,6 @@ from .truncated_svd import rotate_couples, spectrum
 log = logging.getLogger(__name__)
 
 VARIANTS = ("transpa", "structured-l1", "tsvd")
-SCHEDULES = ("theta", "linear")
-UNIT_SCORES = ("activation", "l1")  # transpa's choice
-#: how a round selects its K couples: coupled Fisher over the round's batches (the paper's), or the
-#: L1-only estimation ablation (mean |w| of the couple's slices)
-COUPLE_SCORES = ("fisher", "magnitude")
 #: settings added after TranSpa checkpoints were first written (see TranSpaMethod.identity)
 LATER_SETTINGS = ("shrink_schedule", "reach_by", "couple_score")
 #: transpa chooses its unit score; each ablation's score is its definition
@@ -116,7 +112,7 @@ class TranSpaConfig:
             raise ConfigError(f"--fraction {self.fraction} must be in (0, 1): the share K of couples each round selects, e.g. 0.3")
         if not (_finite(self.theta) and 0 < self.theta < 1):
             raise ConfigError(f"--theta {self.theta} must be in (0, 1): the unit mass each selected couple keeps, e.g. 0.9")
-        if self.shrink_schedule not in SCHEDULES:
+        if self.shrink_schedule not in SHRINK_SCHEDULES:
             raise ConfigError(f"--shrink-schedule '{self.shrink_schedule}' unknown: choose theta (each round removes what its θ rule "
                               "says) or linear (rounds capped by a line from the start to the target)")
         if not (_finite(self.reach_by) and 0 < self.reach_by <= 1):

@@ -53,11 +53,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..options import LAYOUTS
 from .couples import Couple, build_couples, compact_capable, couple_name, unit_cost
 from .importance import UNIT_SCORERS
 from .plain_config import allowed_group_counts
-
-LAYOUTS = ("free", "uniform")
 
 
 @dataclass(frozen=True)

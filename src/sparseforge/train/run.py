@@ -24,8 +24,6 @@ from .trainer import Callback, TrainConfig, Trainer, model_fingerprint
 
 log = logging.getLogger(__name__)
 
-TASKS = ("lm", "classify")
-
 
 @dataclass
 class RunData:

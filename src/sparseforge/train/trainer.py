@@ -28,12 +28,11 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, NumericalError, SparseforgeError, first_line
 from ..measure import current_rss_mb, peak_rss_mb
 from ..models.base import NEW_WEIGHTS_ATTR
+from ..options import LR_SCHEDULES, MIXED_PRECISION
 from .data import TrainExamples, batch_rows
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "linear", "constant")
-MIXED_PRECISION = ("no", "bf16", "fp16")
 STATE_FILE = "trainer_state.json"
 #: the callbacks' states again, beside accelerate's files: readable BEFORE load_state (see Callback.before_load)
 CALLBACK_STATES_FILE = "callback_states.pt"
@@ -102,8 +101,8 @@ class TrainConfig:
             raise ConfigError("fp16 mixed precision needs a GPU: use --mixed-precision bf16 on CPU")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warm-up fraction {self.warmup} must be in [0, 1)")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule '{self.schedule}' unknown: choose from {', '.join(SCHEDULES)}")
+        if self.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"schedule '{self.schedule}' unknown: choose from {', '.join(LR_SCHEDULES)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed precision '{self.mixed_precision}' unknown: choose from {', '.join(MIXED_PRECISION)}")
         if self.checkpoint_every and not self.checkpoint_dir:
