@@ -669,6 +669,22 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+#: two-sided 95% quantiles of Student's t by degrees of freedom (for the paired seed intervals)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_interval(ratios: list[float]) -> tuple[float, float] | None:
+    """95% t-interval of the mean per-seed log ratio, as relative gaps (lo, hi); None below 3 seeds. The geometric
+    means' gap is exp(mean log ratio) - 1, so an interval that holds 0 says the seeds cannot tell the two apart."""
+    n = len(ratios)
+    if n < 3 or n - 1 not in T_975:
+        return None
+    logs = [math.log(r) for r in ratios]
+    mean = sum(logs) / n
+    half = T_975[n - 1] * math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1) / n)
+    return math.exp(mean - half) - 1, math.exp(mean + half) - 1
+
+
 def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
     """The repeated runs' final perplexity per seed, their geometric means and the targets on them: TranSpa's below
     the other's (the mean per-seed log ratio below 0), and on how many seeds (a pair counts on the seeds both have)."""
@@ -695,17 +711,25 @@ def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
         gaps = [ppl[(tp, seed)] / ppl[(other, seed)] - 1 for seed in shared]
         wins = sum(gap < 0 for gap in gaps)
         which = "seeds " + ", ".join(map(str, shared))
+        interval = paired_interval([1 + gap for gap in gaps])
+        spread = ""
+        if interval is not None:
+            verdict[f"transpa_vs_{other}_interval95"] = [round(interval[0], 4), round(interval[1], 4)]
+            spread = f"; 95% interval of the paired gap {interval[0]:+.1%} to {interval[1]:+.1%}"
+            if other != "dense":
+                spread += (": the seeds cannot tell them apart" if interval[0] < 0 < interval[1]
+                           else ": lower on the seeds' evidence" if interval[1] < 0 else ": higher on the seeds' evidence")
         if other == "dense":
             ok = mine / theirs - 1 <= TARGETS["scratch_dense_gap"]
             verdict["transpa_within_5pct_of_dense"] = ok
             notes.append(f"within {TARGETS['scratch_dense_gap']:.0%} of dense: {mine:.2f} vs {theirs:.2f} "
-                         f"({mine / theirs - 1:+.1%}; {which}): {_verdict(ok)}")
+                         f"({mine / theirs - 1:+.1%}; {which}{spread}): {_verdict(ok)}")
             continue
         ok = mine < theirs
         verdict[f"transpa_below_{other}"] = ok
         verdict[f"transpa_below_{other}_seeds"] = f"{wins} of {len(shared)}"
         notes.append(f"below {label}: {mine:.2f} vs {theirs:.2f} ({mine / theirs - 1:+.1%}; {which}; lower on "
-                     f"{wins} of {len(shared)}, per seed " + ", ".join(f"{gap:+.1%}" for gap in gaps) + f"): "
+                     f"{wins} of {len(shared)}, per seed " + ", ".join(f"{gap:+.1%}" for gap in gaps) + f"{spread}): "
                      f"{_verdict(ok)}")
     text = ("Repeated with other seeds (each seed draws the model's initialisation and the batch order; within a seed "
             "every run sees the same tokens; the small dense model keeps seed 0's shape). Final perplexity:\n\n"
