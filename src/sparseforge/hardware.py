@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .options import COMPUTE_DTYPES
+from .options import COMPUTE_DTYPES, MIXED_PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def autocast_mixed_precision(requested: str = "auto", features: dict | None = No
     try:
         dtype, _ = choose_compute_dtype(name, features)
     except ConfigError:
-        raise ConfigError(f"mixed precision '{requested}' unknown: choose from auto, no, bf16, fp16") from None
+        choices = ", ".join(("auto", *MIXED_PRECISION))
+        raise ConfigError(f"mixed precision '{requested}' unknown: choose from {choices}") from None
     return AUTOCAST_MODES.get(dtype, "no")
 
 

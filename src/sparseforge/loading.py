@@ -36,12 +36,13 @@ from .export import METADATA_FILE
 from .models import adapter_class, get_adapter
 from .models.base import NEW_WEIGHTS_ATTR
 from .models.modules import apply_config_overrides, apply_structure
-from .options import TASKS
+from .options import DTYPES, TASKS
 from .sparse_checkpoint import CONFIG_KEYS, announced_format, decompress_state, read_config
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: dtype name -> torch dtype, for the names options.DTYPES offers
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 #: the source name of the embedded encoder (all-MiniLM-L6-v2); write "./encoder" for a directory of that name
 ENCODER_SOURCE = "encoder"
 #: single-file weights, then sharded indexes, in the order transformers prefers them
@@ -494,10 +495,10 @@ def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", 
         manifest = _structure_manifest(name) if local else None
         sparse = announced_format(read_config(Path(name)), Path(name)) if local else None
         if manifest is not None or sparse is not None:
-            model = _load_structured(model_cls, name, config, manifest, DTYPES[dtype], task, sparse)
+            model = _load_structured(model_cls, name, config, manifest, TORCH_DTYPES[dtype], task, sparse)
         else:
             with _quiet_load_report():
-                model, info = model_cls.from_pretrained(name, config=config, dtype=DTYPES[dtype], ignore_mismatched_sizes=True,
+                model, info = model_cls.from_pretrained(name, config=config, dtype=TORCH_DTYPES[dtype], ignore_mismatched_sizes=True,
                                                         output_loading_info=True, **extra)
             _report_load(model, info, name, task)
     except OSError as e:

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ModelError
-from ..loading import DTYPES
+from ..loading import TORCH_DTYPES
 from ..measure import release_free_memory
 from ..models import get_adapter, get_weight, in_features, set_weight
 from ..options import PROPAGATE
@@ -90,13 +90,13 @@ class OneShotConfig:
         self.skip = tuple(self.skip)
         get_method(self.method)
         if self.propagate not in PROPAGATE:
-            raise ConfigError(f"propagate must be 'pruned' or 'dense', not '{self.propagate}'")
+            raise ConfigError(f"propagate must be one of {', '.join(PROPAGATE)}, not '{self.propagate}'")
         if not 0.0 < self.block_fraction <= 1.0:
             raise ConfigError(f"block fraction {self.block_fraction} must be in (0, 1]")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"batch size {self.batch_size} must be at least 1")
-        if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
-            raise ConfigError(f"compute dtype '{self.compute_dtype}' unknown: choose from {', '.join(DTYPES)}")
+        if self.compute_dtype is not None and self.compute_dtype not in TORCH_DTYPES:
+            raise ConfigError(f"compute dtype '{self.compute_dtype}' unknown: choose from {', '.join(TORCH_DTYPES)}")
         if not self.dampening > 0:
             raise ConfigError(f"dampening {self.dampening} must be positive, e.g. 0.01")
         for name in ("alpha", "beta"):
@@ -423,7 +423,7 @@ def prune_model(
     results: list[LayerResult] = []
     details: dict = {}
     model_dtype = next(model.parameters()).dtype
-    compute_dtype = DTYPES[config.compute_dtype] if config.compute_dtype else None
+    compute_dtype = TORCH_DTYPES[config.compute_dtype] if config.compute_dtype else None
     if compute_dtype == model_dtype:
         compute_dtype = None
 

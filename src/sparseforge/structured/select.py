@@ -104,7 +104,7 @@ class RemovalPlan:
 
 def check_layout(layout: str) -> str:
     if layout not in LAYOUTS:
-        raise ConfigError(f"layout '{layout}' unknown: choose free (per-layer sizes) or uniform (a plain HF checkpoint)")
+        raise ConfigError(f"layout '{layout}' unknown: choose uniform (a plain HF checkpoint) or free (per-layer sizes)")
     return layout
 
 
