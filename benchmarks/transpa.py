@@ -685,6 +685,24 @@ def paired_interval(ratios: list[float]) -> tuple[float, float] | None:
     return math.exp(mean - half) - 1, math.exp(mean + half) - 1
 
 
+#: the share of the steps read for early gradient spikes, and the gradient norm counted as one (the clip is 1.0,
+#: a smooth start peaks near 3 at step 1)
+EARLY_SHARE, SPIKE_NORM = 0.1, 10.0
+
+
+def early_grad_peak(result: dict) -> tuple[float, int, bool]:
+    """The largest gradient norm (before clipping) in the first EARLY_SHARE of the steps, its step, and whether
+    every step was read (the docs keep every 10th step's record and, since this check, the peak of all steps)."""
+    run = result["run"]
+    if "early_grad_peak" in run:
+        return (*run["early_grad_peak"], True)
+    steps = run["train_config"]["steps"]
+    early = [h for h in run["history"] if h["step"] <= EARLY_SHARE * steps and "grad_norm" in h]
+    peak = max(early, key=lambda h: h["grad_norm"], default=None)
+    every_step = not run.get("history_every")
+    return (peak["grad_norm"], peak["step"], every_step) if peak else (float("nan"), 0, every_step)
+
+
 def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
     """The repeated runs' final perplexity per seed, their geometric means and the targets on them: TranSpa's below
     the other's (the mean per-seed log ratio below 0), and on how many seeds (a pair counts on the seeds both have)."""
@@ -731,9 +749,20 @@ def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
         notes.append(f"below {label}: {mine:.2f} vs {theirs:.2f} ({mine / theirs - 1:+.1%}; {which}; lower on "
                      f"{wins} of {len(shared)}, per seed " + ", ".join(f"{gap:+.1%}" for gap in gaps) + f"{spread}): "
                      f"{_verdict(ok)}")
+    peaks = {(r.method, r.seed): early_grad_peak(res) for r, res in runs.items()}
+    sampled = sorted({f"{LABELS[r.method]} seed {r.seed}" for r in runs if not peaks[(r.method, r.seed)][2]})
+    spikes = [f"{LABELS[m]} seed {seed} ({peaks[(m, seed)][0]:.1f} at step {peaks[(m, seed)][1]}, perplexity "
+              f"{ppl[(m, seed)]:.2f})" for seed in seeds for m in methods
+              if (m, seed) in peaks and peaks[(m, seed)][0] > SPIKE_NORM]
+    verdict["early_spikes"] = {f"{m}-seed{seed}": round(peaks[(m, seed)][0], 2) for seed in seeds for m in methods
+                               if (m, seed) in peaks and peaks[(m, seed)][0] > SPIKE_NORM}
     text = ("Repeated with other seeds (each seed draws the model's initialisation and the batch order; within a seed "
             "every run sees the same tokens; the small dense model keeps seed 0's shape). Final perplexity:\n\n"
             + "\n".join(lines))
+    text += (f"\n\nGradient spikes early in training (a logged gradient norm above {SPIKE_NORM:g} in the first "
+             f"{EARLY_SHARE:.0%} of the steps, before clipping to 1): "
+             + ("; ".join(spikes) if spikes else "none") + "."
+             + (f" Kept only every 10th step (a spike between them is not seen): {', '.join(sampled)}." if sampled else ""))
     if notes:
         text += f"\n\nTargets for {LABELS[tp]} on the geometric means over the seeds: " + "; ".join(notes) + "."
     return text, verdict
@@ -1074,6 +1103,8 @@ def _trimmed(result: dict) -> dict:
     """Histories are long: the JSON keeps the final numbers and every 10th step's record."""
     result = json.loads(json.dumps(result))
     if not result["run"].get("history_every"):  # a run restored from the docs is trimmed already
+        if result["run"].get("history"):
+            result["run"]["early_grad_peak"] = list(early_grad_peak(result)[:2])
         result["run"]["history"] = result["run"]["history"][::10]
         result["run"]["history_every"] = 10
     return result
