@@ -66,6 +66,10 @@ from common import ROOT, THREADS, WORK, run_child, write_results_section
 
 SMOKE = False  # --smoke: every setting shrunk, everything under WORK / "transpa-smoke"
 OUT = WORK / "transpa"
+#: --probe KEY=VALUE: one look at a scratch run with a training setting changed (e.g. a longer warm-up); its JSON
+#: goes under WORK / "transpa-probes" (--smoke: "transpa-smoke-probes") and never into the tables, which read only the suites' own settings
+PROBE: dict = {}
+PROBE_KEYS = ("lr", "warmup", "weight_decay")
 
 # ---------------------------------------------------------------- settings
 # Round schedule (all suites): TranSpa's default K = 30% of the couples and θ = 0.9 per round; the round
@@ -150,10 +154,10 @@ FINEST_REMOVAL = {("smol", "uniform"): 30 * 3 * 576, ("smol", "free"): 3 * 576, 
                   ("scratch", "free"): 3 * 256, ("scratch-long", "free"): 3 * 256}
 
 
-def settings(suite: str) -> dict:
-    if SMOKE:
-        return SMOKE_SETTINGS[suite]
-    return settings_full(suite)
+def settings(suite: str, probed: bool = True) -> dict:
+    """The suite's settings; a --probe's changes included unless ``probed`` is False (what stored runs match)."""
+    base = SMOKE_SETTINGS[suite] if SMOKE else settings_full(suite)
+    return {**base, **PROBE} if probed and PROBE and suite in SCRATCH_SUITES else base
 
 
 def settings_full(suite: str) -> dict:
@@ -163,6 +167,34 @@ def settings_full(suite: str) -> dict:
 def use_smoke() -> None:
     global SMOKE, OUT
     SMOKE, OUT = True, WORK / "transpa-smoke"
+
+
+def runs_home() -> Path:
+    """Where the suite's runs (and the scratch tokenizer) are stored; a probe writes elsewhere."""
+    return WORK / ("transpa-smoke" if SMOKE else "transpa")
+
+
+def parse_probe(pairs: list[str]) -> dict:
+    probe = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        try:
+            probe[key] = float(value)
+        except ValueError:
+            probe[key] = None
+        if not sep or key not in PROBE_KEYS or probe[key] is None:
+            raise SystemExit(f"--probe '{pair}': use KEY=NUMBER with KEY one of {', '.join(PROBE_KEYS)}, e.g. warmup=0.15")
+    return probe
+
+
+def use_probe(probe: dict) -> None:
+    global PROBE, OUT
+    PROBE = probe
+    OUT = runs_home().with_name(runs_home().name + "-probes") / "-".join(f"{k}{v:g}" for k, v in sorted(probe.items()))
+
+
+def probe_args() -> list[str]:
+    return [arg for k, v in PROBE.items() for arg in ("--probe", f"{k}={v!r}")]
 
 
 def docs_dir() -> Path:
@@ -295,7 +327,7 @@ def file_fingerprint(path: Path) -> str | None:
 
 
 def tokenizer_dir() -> Path:
-    return OUT / f"tokenizer-{settings('scratch')['vocab']}"
+    return runs_home() / f"tokenizer-{settings('scratch')['vocab']}"
 
 
 def wiki_tokenizer():
@@ -548,7 +580,7 @@ def stored_run(run: Run) -> dict | None:
         return None
     if run.method == "tsvd" and unit_score(result) != TSVD_UNIT_SCORE:  # an earlier definition of the ablation
         return None
-    if result.get("settings") != settings(run.suite) or ended_by_an_older_clamp(run, result):
+    if result.get("settings") != settings(run.suite, probed=False) or ended_by_an_older_clamp(run, result):
         return None
     if run.suite in SCRATCH_SUITES:
         tokenizer = file_fingerprint(tokenizer_dir() / "tokenizer.json")
@@ -1194,10 +1226,11 @@ def run_suite(suite: str, fresh: bool, only: list[str] | None = None) -> None:
             continue
         print(run.name, flush=True)
         started = time.perf_counter()
-        run_child([sys.executable, __file__, "--worker", run.name] + (["--smoke"] if SMOKE else []),
+        run_child([sys.executable, __file__, "--worker", run.name] + (["--smoke"] if SMOKE else []) + probe_args(),
                   OUT / f"{run.name}.log")
         report_run(run, time.perf_counter() - started)
-        build_docs()
+        if not PROBE:
+            build_docs()
 
 
 def main() -> None:
@@ -1209,6 +1242,9 @@ def main() -> None:
                         help="shrink every setting; work and tables under benchmarks/work/transpa-smoke/")
     parser.add_argument("--run", action="append", metavar="NAME",
                         help="only this run of the suite (repeatable), e.g. smol-transpa-70-free")
+    parser.add_argument("--probe", action="append", metavar="KEY=VALUE",
+                        help=f"with --run on a scratch suite: train with this setting changed ({', '.join(PROBE_KEYS)}); "
+                             "the result goes to benchmarks/work/transpa-probes/, never to the tables")
     parser.add_argument("--worker", metavar="RUN", help=argparse.SUPPRESS)
     parser.add_argument("--speed-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1218,6 +1254,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown run {', '.join(sorted(unknown))}: the runs are named SUITE-METHOD[-TARGET-LAYOUT][-seedN][-linear], "
                      "e.g. smol-transpa-70-free")
+    if args.probe:
+        if not args.worker and (not args.run or args.suite not in SCRATCH_SUITES or args.docs_only):
+            parser.error("--probe needs --suite scratch or scratch-long and --run NAME (it never builds the tables)")
+        use_probe(parse_probe(args.probe))
     OUT.mkdir(parents=True, exist_ok=True)
     if args.worker:
         worker(args.worker)
@@ -1228,8 +1268,15 @@ def main() -> None:
     suites = SUITES if args.suite == "all" else [args.suite]
     for suite in suites if not args.docs_only else []:
         started = time.perf_counter()
-        run_suite(suite, args.fresh, args.run)
+        run_suite(suite, args.fresh or bool(PROBE), args.run)
         print(f"suite {suite}: {time.perf_counter() - started:.0f}s", flush=True)
+    if PROBE:
+        for name in args.run:
+            result = json.loads((OUT / f"{name}.json").read_text())
+            peak = early_grad_peak(result)
+            print(f"probe {name} with {PROBE}: perplexity {result['run']['metrics_after']['perplexity']:.2f}, early "
+                  f"gradient peak {peak[0]:.1f} at step {peak[1]} ({OUT / (name + '.json')})", flush=True)
+        return
     build_docs()
 
 
