@@ -394,7 +394,7 @@ def trained(tmp_path_factory):
                      "--steps", "6", "--round-steps", "2", "--target-params", "0.985", "--fraction", "0.5", "--theta", "0.5",
                      "--layout", layout, "--seq-len", "32", "--batch-size", "2", "--keep", "0.3",
                      "--output", str(outs[name]), "--json", str(root / f"{name}.json"),
-                     *(["--couple-score", "magnitude"] if name == "magnitude" else [])])
+                     *(["--couple-score", "magnitude", "--warmup", "0.05"] if name == "magnitude" else [])])
         assert code == 0
     return outs, root
 
@@ -405,6 +405,8 @@ def test_cli_transpa_from_scratch_outputs_load(trained):
     outs, root = trained
     report = json.loads((root / "uniform.json").read_text())
     assert report["train"]["run"]["train_config"]["lr"] == 3e-3  # --from-scratch's default, not fine-tuning's 1e-4
+    assert report["train"]["run"]["train_config"]["warmup"] == 0.15  # --from-scratch's default, not fine-tuning's 0.03
+    assert json.loads((root / "magnitude.json").read_text())["train"]["run"]["train_config"]["warmup"] == 0.05
     assert report["train"]["method_report"]["config"]["unit_score"] == "l1"  # the paper's, from random init
     assert report["train"]["method_report"]["config"]["couple_score"] == "fisher"
     assert json.loads((root / "magnitude.json").read_text())["train"]["method_report"]["config"]["couple_score"] == "magnitude"

@@ -63,7 +63,8 @@ def _add_training_args(p, lr_help: str, weight_decay: float):
     p.add_argument("--lr", type=positive("1e-4"), default=None, help=lr_help)
     p.add_argument("--weight-decay", type=real(0.0, example="0.01"), default=weight_decay,
                    help=f"AdamW weight decay on matrices (default {weight_decay:g})")
-    p.add_argument("--warmup", type=fraction("0.03", zero=True), default=0.03, help="warm-up fraction of the steps (default 0.03)")
+    p.add_argument("--warmup", type=fraction("0.03", zero=True), default=None,
+                   help=f"warm-up fraction of the steps (default {TRAIN_WARMUP:g}; train --from-scratch: {SCRATCH_WARMUP:g})")
     p.add_argument("--schedule", default="cosine", choices=LR_SCHEDULES)
     p.add_argument("--seed", type=integer(0), default=0, help="seed of initialisation, dropout and batch order")
     p.add_argument("--mixed-precision", default="auto", choices=("auto", *MIXED_PRECISION),
@@ -107,7 +108,7 @@ def _training_options(args) -> dict:
     checkpoint_dir = _checkpoint_dir(args)
     args.precision = _mixed_precision(args.mixed_precision)
     options = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-                   warmup=args.warmup, schedule=args.schedule, seed=args.seed,
+                   warmup=TRAIN_WARMUP if args.warmup is None else args.warmup, schedule=args.schedule, seed=args.seed,
                    mixed_precision=args.precision["mixed_precision"],
                    gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
                    checkpoint_every=args.checkpoint_every, checkpoint_dir=checkpoint_dir)
@@ -569,6 +570,11 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+#: the training commands' default warm-up share of the steps (fine-tuning a trained model)
+TRAIN_WARMUP = 0.03
+#: --from-scratch's: at lr 3e-3 a short warm-up lets the full-size scratch model's gradients spike early, and a
+#: spiked run ends far behind (benchmarks/transpa.py, docs/transpa.md: dense seed 1 179.3 at 5%, 104.1 at 15%)
+SCRATCH_WARMUP = 0.15
 #: --from-scratch's default peak lr: pre-training a small decoder wants a far larger step than fine-tuning's 1e-4
 #: (benchmarks/scratch_sizes.py: on the scratch model 3e-3 beat 1e-3 and 3e-4)
 SCRATCH_LR = 3e-3
@@ -657,6 +663,7 @@ def cmd_train(args) -> int:
     data = args.data or ("wiki" if args.task == "lm" else "wiki-topics")
     if args.from_scratch is not None:
         args.lr = SCRATCH_LR if args.lr is None else args.lr
+        args.warmup = SCRATCH_WARMUP if args.warmup is None else args.warmup
         if args.method == "transpa" and args.unit_score is None:
             # the measured-contribution score is for pretrained models, whose few large-activation neurons the
             # L1 product ranks lowest; from random init the paper's L1 product scored better (docs/transpa.md)
