@@ -783,11 +783,10 @@ def seeds_table(runs: dict[Run, dict]) -> tuple[str, dict]:
                      f"{_verdict(ok)}")
     peaks = {(r.method, r.seed): early_grad_peak(res) for r, res in runs.items()}
     sampled = sorted({f"{LABELS[r.method]} seed {r.seed}" for r in runs if not peaks[(r.method, r.seed)][2]})
+    spiked = [(m, seed) for seed in seeds for m in methods if (m, seed) in peaks and peaks[(m, seed)][0] > SPIKE_NORM]
     spikes = [f"{LABELS[m]} seed {seed} ({peaks[(m, seed)][0]:.1f} at step {peaks[(m, seed)][1]}, perplexity "
-              f"{ppl[(m, seed)]:.2f})" for seed in seeds for m in methods
-              if (m, seed) in peaks and peaks[(m, seed)][0] > SPIKE_NORM]
-    verdict["early_spikes"] = {f"{m}-seed{seed}": round(peaks[(m, seed)][0], 2) for seed in seeds for m in methods
-                               if (m, seed) in peaks and peaks[(m, seed)][0] > SPIKE_NORM}
+              f"{ppl[(m, seed)]:.2f})" for m, seed in spiked]
+    verdict["early_spikes"] = {f"{m}-seed{seed}": round(peaks[(m, seed)][0], 2) for m, seed in spiked}
     text = ("Repeated with other seeds (each seed draws the model's initialisation and the batch order; within a seed "
             "every run sees the same tokens; the small dense model keeps seed 0's shape). Final perplexity:\n\n"
             + "\n".join(lines))

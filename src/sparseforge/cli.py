@@ -64,7 +64,7 @@ def _add_training_args(p, lr_help: str, weight_decay: float):
     p.add_argument("--weight-decay", type=real(0.0, example="0.01"), default=weight_decay,
                    help=f"AdamW weight decay on matrices (default {weight_decay:g})")
     p.add_argument("--warmup", type=fraction("0.03", zero=True), default=None,
-                   help=f"warm-up fraction of the steps (default {TRAIN_WARMUP:g}; train --from-scratch: {SCRATCH_WARMUP:g})")
+                   help=f"warm-up fraction of the steps (default 0.03; train --from-scratch: {SCRATCH_WARMUP:g})")
     p.add_argument("--schedule", default="cosine", choices=LR_SCHEDULES)
     p.add_argument("--seed", type=integer(0), default=0, help="seed of initialisation, dropout and batch order")
     p.add_argument("--mixed-precision", default="auto", choices=("auto", *MIXED_PRECISION),
@@ -108,12 +108,13 @@ def _training_options(args) -> dict:
     checkpoint_dir = _checkpoint_dir(args)
     args.precision = _mixed_precision(args.mixed_precision)
     options = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, weight_decay=args.weight_decay,
-                   warmup=TRAIN_WARMUP if args.warmup is None else args.warmup, schedule=args.schedule, seed=args.seed,
+                   schedule=args.schedule, seed=args.seed,
                    mixed_precision=args.precision["mixed_precision"],
                    gradient_checkpointing=args.gradient_checkpointing, eval_every=args.eval_every,
                    checkpoint_every=args.checkpoint_every, checkpoint_dir=checkpoint_dir)
-    if args.lr is not None:
-        options["lr"] = args.lr
+    for name in ("lr", "warmup"):  # unset: TrainConfig's default (train --from-scratch sets its own first)
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.resume and not checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir or --output")
     return options
@@ -570,8 +571,6 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-#: the training commands' default warm-up share of the steps (fine-tuning a trained model)
-TRAIN_WARMUP = 0.03
 #: --from-scratch's: at lr 3e-3 a short warm-up lets the full-size scratch model's gradients spike early, and a
 #: spiked run ends far behind (benchmarks/transpa.py, docs/transpa.md: dense seed 1 179.3 at 5%, 104.1 at 15%)
 SCRATCH_WARMUP = 0.15
