@@ -105,7 +105,11 @@ SCRATCH = {"model": SCRATCH_MODEL, "vocab": 8192, "steps": SCRATCH_STEPS, "batch
            "eval_every": SCRATCH_STEPS // 10, "eval_windows": 100, "eval_batch_size": 10, "keep_blocks": 0.6,
            "layout": "free", **ROUNDS, "shrink_schedule": "linear", "round_steps": 2}
 #: the same with 3x the steps: at 200 steps every model is far from trained
-SCRATCH_LONG = {**SCRATCH, "steps": 3 * SCRATCH_STEPS, "eval_every": 3 * SCRATCH_STEPS // 10, "round_steps": 6}
+# A 15% warm-up (`sparseforge train --from-scratch`'s default): under 5% the full-size model's seeds spread from 115
+# to 179 perplexity, every slow one after an early gradient spike (norm 10-15 before clipping, in the warm-up), which
+# decided the verdicts more than the methods did; 15% removed the spikes in every probe (docs/transpa.md)
+SCRATCH_LONG = {**SCRATCH, "steps": 3 * SCRATCH_STEPS, "eval_every": 3 * SCRATCH_STEPS // 10, "round_steps": 6,
+                "warmup": 0.15}
 SMOL = {"steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06,
         "eval_seq_len": 512, "eval_windows": 40, **ROUNDS}
 SMOL_DENSE_PERPLEXITY = 14.10  # the one-shot tables' dense SmolLM2-135M on the same 40 x 512 windows
@@ -143,7 +147,7 @@ RUN_VARIANTS = {"small-dense": ("dense", {}), "transpa-l1": ("transpa", {"unit_s
 #: the scratch suites repeat the runs the targets compare with these seeds too (model init and batch order; within
 #: a seed every run sees the same tokens): one seed's gap of a few percent can be noise. The 600-step suite has five
 #: seeds: on three, one slow seed of the full-size model (seed 1) decided the verdict against the small dense model
-REPEAT_SEEDS = {"scratch": (1, 2), "scratch-long": (1, 2, 3, 4)}
+REPEAT_SEEDS = {"scratch": (1, 2), "scratch-long": (1, 2)}
 REPEATED = (SCRATCH_TRANSPA, "structured-l1", "small-dense", "dense")
 LABELS = {"dense": "dense", "transpa": "TranSpa", "structured-l1": "structured-l1", "small-dense": "dense, final size",
           "transpa-l1": "TranSpa (L1 unit score)", "tsvd": "tSVD of the coupled products",
