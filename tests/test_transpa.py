@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -390,12 +392,15 @@ def trained(tmp_path_factory):
     for name, method, layout in (("uniform", "transpa", "uniform"), ("free", "transpa", "free"), ("tsvd", "tsvd", "free"),
                                  ("magnitude", "transpa", "free")):
         outs[name] = root / name
-        code = main(["train", "--method", method, "--from-scratch", str(config), "--data", str(text), "--no-eval",
-                     "--steps", "6", "--round-steps", "2", "--target-params", "0.985", "--fraction", "0.5", "--theta", "0.5",
-                     "--layout", layout, "--seq-len", "32", "--batch-size", "2", "--keep", "0.3",
-                     "--output", str(outs[name]), "--json", str(root / f"{name}.json"),
-                     *(["--couple-score", "magnitude", "--warmup", "0.05"] if name == "magnitude" else [])])
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(["train", "--method", method, "--from-scratch", str(config), "--data", str(text), "--no-eval",
+                         "--steps", "6", "--round-steps", "2", "--target-params", "0.985", "--fraction", "0.5", "--theta", "0.5",
+                         "--layout", layout, "--seq-len", "32", "--batch-size", "2", "--keep", "0.3",
+                         "--output", str(outs[name]), "--json", str(root / f"{name}.json"),
+                         *(["--couple-score", "magnitude", "--warmup", "0.05"] if name == "magnitude" else [])])
         assert code == 0
+        (root / f"{name}.stdout").write_text(printed.getvalue())
     return outs, root
 
 
@@ -415,6 +420,9 @@ def test_cli_transpa_from_scratch_outputs_load(trained):
         layout = "uniform" if name == "uniform" else "free"
         assert report["reached_target"] and report["layout"] == layout
         meta = json.loads((path / "sparseforge.json").read_text())
+        printed = (root / f"{name}.stdout").read_text()  # the saved line says how the output loads
+        assert ("a plain HF checkpoint, vanilla transformers loads it" in printed) == (layout == "uniform")
+        assert ("load with sparseforge.load_model" in printed) == (layout == "free")
         if layout == "uniform":
             assert "structure" not in meta
             model = AutoModelForCausalLM.from_pretrained(path)  # vanilla transformers

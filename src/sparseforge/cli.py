@@ -651,10 +651,11 @@ def _drop(options: dict, key: str) -> dict:
 def cmd_train(args) -> int:
     import torch
 
-    from .export import read_metadata, save
+    from .export import save
     from .loading import load_model
     from .measure import peak_rss_mb
     from .methods import build_train_method
+    from .models.modules import model_structure
     from .train import TrainConfig
     from .training import train
 
@@ -724,11 +725,10 @@ def cmd_train(args) -> int:
     _print_train_summary(args, report)
     if args.output:
         # save() records the shapes config.json cannot rebuild (compact layers, shrunk linears)
-        saved = save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite,
-                     save_format=args.save_format)
+        save(model, tokenizer, args.output, metadata=results, overwrite=args.overwrite, save_format=args.save_format)
         note = {"dense": " (dense export: vanilla transformers loads it; it saves nothing)",
                 "plain": " (uniform layout: a plain HF checkpoint, vanilla transformers loads it)"}.get(exported)
-        if note is None or "structure" in read_metadata(saved):  # e.g. a dense export that keeps compact attention
+        if note is None or model_structure(model) is not None:  # e.g. a dense export that keeps compact attention
             note = " (compact or narrowed layers: load with sparseforge.load_model)"
         print(_saved(args.output, note))
     _write_json(args.json, results)
