@@ -107,7 +107,7 @@ SCRATCH = {"model": SCRATCH_MODEL, "vocab": 8192, "steps": SCRATCH_STEPS, "batch
 #: the same with 3x the steps: at 200 steps every model is far from trained
 # A 15% warm-up (`sparseforge train --from-scratch`'s default): under 5% the full-size model's seeds spread from 115
 # to 179 perplexity, every slow one after an early gradient spike (norm 10-15 before clipping, in the warm-up), which
-# decided the verdicts more than the methods did; 15% removed the spikes in every probe (docs/transpa.md)
+# decided the verdicts more than the methods did; under 15% no run of the suite spikes (docs/transpa.md)
 SCRATCH_LONG = {**SCRATCH, "steps": 3 * SCRATCH_STEPS, "eval_every": 3 * SCRATCH_STEPS // 10, "round_steps": 6,
                 "warmup": 0.15}
 SMOL = {"steps": 150, "batch_size": 4, "seq_len": 256, "lr": 1e-4, "weight_decay": 0.01, "warmup": 0.06,
@@ -183,11 +183,12 @@ def parse_probe(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         try:
-            probe[key] = float(value)
+            number = float(value)
         except ValueError:
-            probe[key] = None
-        if not sep or key not in PROBE_KEYS or probe[key] is None:
+            number = None
+        if not sep or key not in PROBE_KEYS or number is None:
             raise SystemExit(f"--probe '{pair}': use KEY=NUMBER with KEY one of {', '.join(PROBE_KEYS)}, e.g. warmup=0.15")
+        probe[key] = number
     return probe
 
 
